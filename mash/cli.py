@@ -1,0 +1,180 @@
+"""The ``mash`` command: a thin shell over the library (each subcommand calls one function)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from mash.config import ConfigError, Settings
+
+
+def _settings() -> Settings:
+    return Settings.load()
+
+
+def cmd_run(args) -> int:
+    """Reader and worker together in the foreground; the simulated board when none is attached."""
+    from mash.logs import setup_logging
+    from mash.reader import find_board
+    settings = _settings()
+    setup_logging(settings.log_level)
+    env = dict(os.environ)
+    board = None
+    if settings.serial_port == "sim" or (settings.serial_port is None and not find_board()):
+        from mash.simulator import SimulatedBoard
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        board = SimulatedBoard(interval=args.interval,
+                               link=settings.data_dir.resolve() / "sim-tty").start()
+        env["SERIAL_PORT"] = board.port
+        print(f"no Arduino attached: simulated board on {board.port}, a reading every "
+              f"{args.interval:g} s", flush=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "mash.reader"], env=env),
+             subprocess.Popen([sys.executable, "-m", "mash.worker"], env=env)]
+    print(f"gateway running (data in {settings.data_dir}); Ctrl-C stops it", flush=True)
+
+    stopping = []
+    def _stop(*_):
+        stopping.append(1)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if board:
+            board.stop()
+    codes = [p.returncode for p in procs]
+    return 0 if stopping else max(abs(c) for c in codes if c is not None)
+
+
+def cmd_reader(args) -> int:
+    from mash.reader import main
+    return main(_settings())
+
+
+def cmd_worker(args) -> int:
+    from mash.worker import main
+    return main()
+
+
+def cmd_simulate(args) -> int:
+    from mash.simulator import main
+    main(interval=args.interval, link=args.link)
+    return 0
+
+
+def cmd_devserver(args) -> int:
+    from mash.devserver import main
+    return main(args)
+
+
+def cmd_devserver_command(args) -> int:
+    from mash.devserver import issue_command
+    try:
+        params = json.loads(args.parameters)
+    except ValueError:
+        print("parameters must be JSON, e.g. '{\"actuator\":\"MIST_MAKER\",\"state\":\"ON\"}'",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(issue_command(args.url, args.device, args.command, params,
+                                   expires_in=args.expires_in), indent=2))
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from mash import tasks
+    return tasks.cli_sync(wait=args.wait, timeout=args.timeout)
+
+
+def cmd_status(args) -> int:
+    from mash.models import DatabaseManager
+    settings = _settings()
+    stats = DatabaseManager(settings.db_path).get_stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    mark = {True: "online", False: "offline"}
+    print(f"backend:  {mark[stats['backend_online']]}")
+    print(f"mqtt:     {mark[stats['mqtt_online']]}")
+    print(f"firebase: {mark[stats['firebase_online']]}")
+    print(f"synced:   {stats['total_synced']}")
+    print(f"pending:  {stats['pending_records']} (oldest {stats['oldest_pending_age_s']:.0f} s old)")
+    if stats["rejected_records"]:
+        print(f"rejected: {stats['rejected_records']} (mash sync --retry-rejected sends them again)")
+    print(f"firebase lag: {stats['firebase_lag_records']} readings")
+    print(f"last sync: {stats['last_sync'] or 'never'}")
+    print(f"last reading: {stats['last_reading'] or 'none yet'}")
+    print(f"alerts undelivered: {stats['alerts_pending']}, command acks undelivered: "
+          f"{stats['commands_unacked']}, bad lines: {stats['bad_lines']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mash", description="MASH gateway")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("run", help="reader and worker together (simulated board if none attached)")
+    s.add_argument("--interval", type=float, default=5.0, help="simulated reading interval, s")
+    s.set_defaults(func=cmd_run)
+    sub.add_parser("reader", help="the serial reader service").set_defaults(func=cmd_reader)
+    sub.add_parser("worker", help="the Huey worker").set_defaults(func=cmd_worker)
+    s = sub.add_parser("simulate", help="a simulated board on a pseudo-terminal")
+    s.add_argument("--interval", type=float, default=5.0)
+    s.add_argument("--link", help="also expose the pty under this path (a symlink)")
+    s.set_defaults(func=cmd_simulate)
+    s = sub.add_parser("devserver", help="the reference backend on loopback")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000, help="0 picks a free port")
+    s.add_argument("--db", default="data/devserver.db")
+    s.add_argument("--access-ttl", type=float, default=900.0)
+    s.add_argument("--refresh-ttl", type=float, default=7 * 86400.0)
+    s.add_argument("--rate-limit", type=int, default=0,
+                   help="requests per client and URL per --rate-window s before 429 (0: none)")
+    s.add_argument("--rate-window", type=float, default=60.0)
+    s.add_argument("--user", action="append", default=[],
+                   help="EMAIL:PASSWORD of an account (default: the .env device account)")
+    s.add_argument("--secret", default=None, help="HS256 signing secret (default: random)")
+    s.set_defaults(func=cmd_devserver)
+    s = sub.add_parser("devserver-command", help="issue a command through the reference backend")
+    s.add_argument("command", help="set_actuator, REQUEST_STATUS, force_sync, CONFIGURE")
+    s.add_argument("parameters", nargs="?", default="{}", help="JSON parameters")
+    s.add_argument("--url", default="http://127.0.0.1:3000")
+    s.add_argument("--device", default=os.environ.get("DEVICE_ID", "rpi_gateway_001"))
+    s.add_argument("--expires-in", type=float, default=None, help="seconds until it expires")
+    s.set_defaults(func=cmd_devserver_command)
+    s = sub.add_parser("sync", help="enqueue a forced sync now")
+    s.add_argument("--wait", action="store_true", help="wait for the backlog to drain")
+    s.add_argument("--timeout", type=float, default=3600.0)
+    s.set_defaults(func=cmd_sync)
+    s = sub.add_parser("status", help="the guide's sync stats")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The MASH backend's REST API (CONTRACT.md section 2): JWT auth, envelope, error classes.
+
+Errors come in two kinds so the worker's tasks can let Huey retry only what is worth
+retrying: ``RetryableError`` (network, timeout, 5xx, 429 with its Retry-After) and
+``PermanentError`` (any other 4xx, with the server's message). The guide's methods
+(``send_sensor_data``, ``send_alert``, ``get_actuator_commands``, ...) return plain values and
+log failures; the lower-level ones raise.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+import uuid
+
+import jwt
+import requests
+
+from mash.config import Settings
+from mash.models import iso, utcnow
+
+log = logging.getLogger("mash.backend")
+
+CONNECT_TIMEOUT = 5.0
+
+
+class BackendError(Exception):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableError(BackendError):
+    """Try again later; ``retry_after`` (s) is the server's own word when it gave one."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class PermanentError(BackendError):
+    """The request is wrong; sending it again unchanged will fail again."""
+
+
+class AuthError(PermanentError):
+    """The device's credentials were refused."""
+
+
+class NotConfigured(PermanentError):
+    pass
+
+
+def unwrap(body):
+    """The payload of a wrapped (``{"success":true,"data":...}``) or bare response."""
+    if isinstance(body, dict) and "success" in body and "data" in body:
+        return body["data"]
+    return body
+
+
+def _error_message(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return (resp.text or resp.reason or "")[:300]
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+        if body.get("message"):
+            return str(body["message"])[:300]
+    return str(body)[:300]
+
+
+def _retry_after(resp: requests.Response) -> float:
+    value = resp.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 60.0      # an HTTP-date or nothing: wait a minute rather than hammer
+
+
+class BackendAPIClient:
+    """One device's session with the backend. Thread-safe; tokens live in memory only."""
+
+    def __init__(self, settings: Settings | None = None, session: requests.Session | None = None):
+        self.settings = settings or Settings.load()
+        self.base = self.settings.api_base
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = "mash-gateway/0.1"
+        self.timeout = (CONNECT_TIMEOUT, self.settings.backend_timeout)
+        self._lock = threading.RLock()
+        self._access: str | None = None
+        self._refresh: str | None = None
+        self._access_exp = 0.0
+        self._access_life = 0.0
+        self._blocked_until = 0.0      # monotonic; set by a 429
+        self._online: bool | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.settings.backend_enabled
+
+    @property
+    def access_token(self) -> str | None:
+        return self._access
+
+    @property
+    def blocked_for(self) -> float:
+        return max(0.0, self._blocked_until - time.monotonic())
+
+    def _state(self, online: bool, why: str = "") -> None:
+        if online != self._online:
+            if online:
+                log.info("backend online (%s)", self.base)
+            else:
+                log.warning("backend offline: %s", why)
+            self._online = online
+
+    # -- auth ----------------------------------------------------------------------------
+    def _take_tokens(self, data: dict) -> None:
+        access, refresh = data.get("accessToken"), data.get("refreshToken")
+        if not isinstance(access, str) or not access:
+            raise PermanentError("auth response has no accessToken")
+        try:
+            claims = jwt.decode(access, options={"verify_signature": False})
+            exp, iat = float(claims["exp"]), float(claims.get("iat", time.time()))
+        except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+            raise PermanentError("access token is not a JWT with exp") from None
+        self._access = access
+        if isinstance(refresh, str) and refresh:
+            self._refresh = refresh
+        self._access_exp = exp
+        self._access_life = max(1.0, exp - iat)
+
+    def _login(self) -> None:
+        if not self.enabled:
+            raise NotConfigured("backend not configured (BACKEND_URL, DEVICE_EMAIL, DEVICE_PASSWORD)")
+        data = self._send("POST", "/auth/login", {"email": self.settings.device_email,
+                                                  "password": self.settings.device_password},
+                          auth=False)
+        self._take_tokens(data)
+        log.info("logged in to the backend as %s", self.settings.device_email)
+
+    def _refresh_tokens(self) -> None:
+        if not self._refresh:
+            return self._login()
+        try:
+            data = self._send("POST", "/auth/refresh", {"refreshToken": self._refresh}, auth=False)
+        except AuthError:
+            log.info("refresh token refused; logging in again")
+            self._refresh = None
+            return self._login()
+        self._take_tokens(data)
+        log.debug("access token refreshed")
+
+    def _ensure_token(self) -> str:
+        with self._lock:
+            if self._access is None:
+                self._login()
+            else:
+                # Refresh when less than a quarter of the lifetime (at most 60 s) is left.
+                margin = min(60.0, self._access_life / 4)
+                if time.time() >= self._access_exp - margin:
+                    self._refresh_tokens()
+            return self._access
+
+    def authenticate(self) -> bool:
+        """Log in now (the guide's call). False, with a log line, when it cannot."""
+        try:
+            with self._lock:
+                self._login()
+            return True
+        except BackendError as exc:
+            log.error("backend authentication failed: %s", exc)
+            return False
+
+    # -- transport -----------------------------------------------------------------------
+    def _send(self, method: str, path: str, body=None, auth: bool = True, headers=None,
+              _retried: bool = False):
+        wait = self.blocked_for
+        if wait > 0:
+            raise RetryableError(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
+        hdrs = dict(headers or {})
+        if auth:
+            hdrs["Authorization"] = f"Bearer {self._ensure_token()}"
+        try:
+            resp = self.session.request(method, self.base + path, json=body, headers=hdrs,
+                                        timeout=self.timeout)
+        except requests.Timeout as exc:
+            self._state(False, f"timeout on {method} {path}")
+            raise RetryableError(f"timeout: {method} {path}") from exc
+        except requests.RequestException as exc:
+            self._state(False, f"{exc.__class__.__name__} on {method} {path}")
+            raise RetryableError(f"network error: {exc.__class__.__name__} on {method} {path}") from exc
+        status = resp.status_code
+        if status < 400:
+            self._state(True)
+            if not resp.content:
+                return {}
+            try:
+                return unwrap(resp.json())
+            except ValueError:
+                raise RetryableError(f"{method} {path}: answer is not JSON", status) from None
+        message = _error_message(resp)
+        if status == 401:
+            if auth and not _retried:
+                log.info("backend answered 401 to %s %s; renewing the session once", method, path)
+                with self._lock:
+                    self._refresh_tokens()
+                return self._send(method, path, body, auth, headers, _retried=True)
+            raise AuthError(f"{method} {path}: 401 {message}", status)
+        if status == 429:
+            after = _retry_after(resp)
+            self._blocked_until = max(self._blocked_until, time.monotonic() + after)
+            log.warning("backend rate limit: no requests for %.0f s", after)
+            raise RetryableError(f"{method} {path}: 429 {message}", status, after)
+        if status >= 500:
+            self._state(False, f"{status} on {method} {path}")
+            raise RetryableError(f"{method} {path}: {status} {message}", status)
+        self._state(True)
+        raise PermanentError(f"{method} {path}: {status} {message}", status)
+
+    # -- endpoints (raise) -------------------------------------------------------------------
+    def register_device(self) -> dict:
+        """POST /devices; a 409 means this serial is already ours."""
+        s = self.settings
+        try:
+            return self._send("POST", "/devices", {"name": s.device_name, "type": "MUSHROOM_CHAMBER",
+                                                   "serialNumber": s.device_id,
+                                                   "firmware": "MASH Arduino v1.0"})
+        except PermanentError as exc:
+            if exc.status == 409:
+                return {"serialNumber": s.device_id, "alreadyRegistered": True}
+            raise
+
+    def update_status(self, status: str = "ONLINE", metadata: dict | None = None) -> dict:
+        return self._send("PUT", f"/devices/{self.settings.device_id}",
+                          {"status": status, "lastSeen": iso(utcnow()), "metadata": metadata or {}})
+
+    def upload_readings(self, readings: list[dict], key: str) -> dict:
+        """POST /sensors/data with an Idempotency-Key; ``{"accepted", "duplicates"}``."""
+        result = self._send("POST", "/sensors/data",
+                            {"deviceId": self.settings.device_id, "readings": readings},
+                            headers={"Idempotency-Key": key})
+        if not isinstance(result, dict) or not isinstance(result.get("accepted"), int):
+            raise RetryableError("sensor upload answer has no 'accepted' count")
+        return result
+
+    def fetch_commands(self) -> list[dict]:
+        data = self._send("GET", f"/devices/{self.settings.device_id}/commands")
+        commands = data.get("commands") if isinstance(data, dict) else None
+        if not isinstance(commands, list):
+            raise RetryableError("commands answer has no 'commands' list")
+        return commands
+
+    def ack_command(self, command_id: str, status: str, response: dict | None = None,
+                    acknowledged_at: str | None = None) -> dict:
+        return self._send("PUT", f"/devices/{self.settings.device_id}/commands/{command_id}",
+                          {"status": status, "response": response or {},
+                           "acknowledgedAt": acknowledged_at or iso(utcnow())})
+
+    def trigger_alert(self, event_type: str, message: str, severity: str, room: str | None = None,
+                      value: float | None = None, threshold: float | None = None,
+                      triggered_at: str | None = None) -> dict:
+        return self._send("POST", "/alerts/trigger", {
+            "eventType": event_type, "severity": severity, "message": message,
+            "deviceId": self.settings.device_id,
+            "data": {"room": room, "value": value, "threshold": threshold},
+            "triggeredAt": triggered_at or iso(utcnow())})
+
+    def get_configuration(self) -> dict:
+        data = self._send("GET", f"/devices/{self.settings.device_id}/configuration")
+        return (data or {}).get("configuration") or {}
+
+    # -- the guide's API (plain values) --------------------------------------------------------
+    def check_connection(self) -> bool:
+        """Reachable and authenticated."""
+        if not self.enabled:
+            log.info("backend not configured")
+            return False
+        try:
+            self._ensure_token()
+            return True
+        except BackendError as exc:
+            log.warning("backend check failed: %s", exc)
+            return False
+
+    def send_sensor_data(self, data: dict) -> bool:
+        """Upload one reading line (``{"fruiting": {...}, "timestamp": epoch}``).
+
+        Reading ids are derived from device, room and timestamp, so sending the same
+        reading twice stores it once."""
+        ts = data.get("timestamp")
+        when = utcnow() if not isinstance(ts, (int, float)) else \
+            dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
+        stamp = iso(when)
+        readings = []
+        for room, v in data.items():
+            if room == "timestamp" or not isinstance(v, dict):
+                continue
+            rid = hashlib.sha1(f"{self.settings.device_id}|{room}|{stamp}".encode()).hexdigest()[:24]
+            readings.append({"id": rid, "room": room, "temperature": v.get("temp"),
+                             "humidity": v.get("humidity"), "co2": v.get("co2"), "timestamp": stamp})
+        if not readings:
+            return False
+        try:
+            self.register_device()
+            self.upload_readings(readings, key=uuid.uuid4().hex)
+            return True
+        except BackendError as exc:
+            log.warning("sensor upload failed: %s", exc)
+            return False
+
+    def send_alert(self, event_type: str, message: str, severity: str = "WARNING") -> bool:
+        try:
+            self.trigger_alert(event_type, message, severity)
+            return True
+        except BackendError as exc:
+            log.warning("alert upload failed: %s", exc)
+            return False
+
+    def get_actuator_commands(self) -> list[dict]:
+        """Commands still to act on (``pending``/``sent``); [] when the backend is away."""
+        try:
+            return [c for c in self.fetch_commands() if isinstance(c, dict)
+                    and c.get("status") in ("pending", "sent")]
+        except BackendError as exc:
+            log.warning("command fetch failed: %s", exc)
+            return []
+
+    def close(self) -> None:
+        self.session.close()
+        self._access = self._refresh = None
+
+
+def create_backend_client(settings: Settings | None = None) -> BackendAPIClient:
+    return BackendAPIClient(settings)

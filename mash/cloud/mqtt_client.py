@@ -1,0 +1,221 @@
+"""The MQTT link (CONTRACT.md section 3): TLS, a persistent session, a retained last will.
+
+paho-mqtt's own loop thread owns the socket and reconnects with backoff
+(``reconnect_delay_set``), including when the network is down at boot (``connect_async``).
+paho keeps unconfirmed QoS 1 messages in memory only, so callers that must not lose a message
+(alerts, command acks) keep it in SQLite and pass ``on_confirm``: it runs when the broker's
+PUBACK arrives, and only then do they mark it delivered.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from mash.config import Settings
+from mash.models import iso, utcnow
+
+log = logging.getLogger("mash.mqtt")
+
+MAX_PAYLOAD = 256 * 1024      # larger command payloads are not even parsed
+
+
+class MQTTClient:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = s = settings or Settings.load()
+        self.device_id = s.device_id
+        self.qos = s.mqtt_qos
+        self.topic = lambda name: f"devices/{self.device_id}/{name}"
+        self._callback = None
+        self._raw_callback = False
+        self._connected = threading.Event()
+        self._lock = threading.RLock()
+        self._pending: dict[int, callable] = {}    # mid -> on_confirm
+        self._confirmed_early: set[int] = set()
+        self.last_error: str | None = None
+        self._started = False
+        self.status_extra = lambda: {}
+        self.rejected = 0
+        self.client = None
+        if s.mqtt_enabled:
+            self._build()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        s = self.settings
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"mash-{self.device_id}",
+                        clean_session=False, protocol=mqtt.MQTTv311)
+        if s.mqtt_username:
+            c.username_pw_set(s.mqtt_username, s.mqtt_password)
+        if s.mqtt_tls:
+            ctx = ssl.create_default_context(cafile=s.mqtt_ca_certs)   # verifies cert and host
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            c.tls_set_context(ctx)
+        c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
+                                                     "status": "offline"}), qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        self.client = c
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    # -- callbacks (paho's loop thread) ----------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            reason = str(reason_code)
+            if reason != self.last_error:
+                log.error("MQTT broker refused the connection: %s", reason)
+            self.last_error = reason
+            return
+        self.last_error = None
+        client.subscribe(self.topic("commands"), qos=1)
+        self._connected.set()
+        log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
+        self.publish_status("online")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self._connected.is_set():
+            log.warning("MQTT offline (%s); reconnecting by itself", reason_code)
+        self._connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._lock:
+            confirm = self._pending.pop(mid, None)
+            if confirm is None:
+                self._confirmed_early.add(mid)
+                return
+        try:
+            confirm()
+        except Exception:
+            log.exception("MQTT on_confirm failed")
+
+    def _on_message(self, client, userdata, msg):
+        if msg.topic != self.topic("commands"):
+            self.rejected += 1
+            log.warning("ignoring a message on %s: not this device's command topic", msg.topic)
+            return
+        callback = self._callback
+        if callback is None:
+            return
+        try:
+            if self._raw_callback:
+                callback(msg.payload)
+                return
+            if len(msg.payload) > MAX_PAYLOAD:
+                raise ValueError("payload too large")
+            cmd = json.loads(msg.payload)
+            if not isinstance(cmd, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            self.rejected += 1
+            log.warning("rejected a command payload: %s", exc)
+            return
+        try:
+            callback(cmd)
+        except Exception:
+            log.exception("command callback failed")
+
+    # -- the guide's API ---------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> bool:
+        """Start the network loop (it reconnects by itself) and wait up to ``timeout``."""
+        if not self.enabled:
+            log.info("MQTT not configured")
+            return False
+        if not self._started:
+            self.client.connect_async(self.settings.mqtt_broker, self.settings.mqtt_port,
+                                      keepalive=30)
+            self.client.loop_start()
+            self._started = True
+        return self._connected.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return self._connected.is_set()
+
+    def set_command_callback(self, fn, raw: bool = False) -> None:
+        """``fn(command_dict)``; with ``raw=True``, ``fn(payload_bytes)`` for callers that
+        validate (and count) malformed payloads themselves."""
+        self._callback, self._raw_callback = fn, raw
+
+    def publish(self, name: str, payload: dict, retain: bool = False, on_confirm=None,
+                qos: int | None = None) -> bool:
+        """Publish on ``devices/<id>/<name>``; ``on_confirm`` runs on the broker's ack."""
+        if not self.enabled:
+            return False
+        body = json.dumps(payload, separators=(",", ":"))
+        with self._lock:
+            info = self.client.publish(self.topic(name), body, qos=self.qos if qos is None else qos,
+                                       retain=retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.debug("MQTT publish on %s failed: %s", name, mqtt.error_string(info.rc))
+                return False
+            if on_confirm is not None:
+                if info.mid in self._confirmed_early:
+                    self._confirmed_early.discard(info.mid)
+                    on_confirm()
+                else:
+                    self._pending[info.mid] = on_confirm
+            else:
+                self._confirmed_early.discard(info.mid)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def publish_sensor_data(self, data: dict, reading_id: str | None = None, on_confirm=None) -> bool:
+        payload = {"deviceId": self.device_id, "readingId": reading_id,
+                   "timestamp": data.get("timestamp", time.time())}
+        payload.update({room: v for room, v in data.items() if isinstance(v, dict)})
+        return self.publish("sensor_data", payload, on_confirm=on_confirm)
+
+    def publish_status(self, status: str = "online", on_confirm=None, **stats) -> bool:
+        payload = {"deviceId": self.device_id, "status": status, "timestamp": time.time()}
+        try:
+            payload.update(self.status_extra() or {})
+        except Exception:
+            log.debug("status stats unavailable", exc_info=True)
+        payload.update(stats)
+        return self.publish("status", payload, retain=True, qos=1, on_confirm=on_confirm)
+
+    def publish_alert(self, alert_type: str, message: str, severity: str = "WARNING",
+                      room: str | None = None, alert_id: str | None = None,
+                      timestamp: str | None = None, on_confirm=None) -> bool:
+        return self.publish("alerts", {"id": alert_id or f"{self.device_id}-{time.time_ns()}",
+                                       "type": alert_type, "message": message,
+                                       "severity": severity, "room": room,
+                                       "timestamp": timestamp or iso(utcnow())},
+                            on_confirm=on_confirm)
+
+    def publish_ack(self, command_id: str, status: str, response: dict | None = None,
+                    on_confirm=None) -> bool:
+        return self.publish("command_ack", {"id": command_id, "status": status,
+                                            "response": response or {},
+                                            "timestamp": iso(utcnow())}, on_confirm=on_confirm)
+
+    def disconnect(self) -> None:
+        """Say offline (retained) and close; a clean close sends no last will."""
+        if not self.enabled or not self._started:
+            return
+        if self.is_alive():
+            info = self.client.publish(self.topic("status"),
+                                       json.dumps({"deviceId": self.device_id, "status": "offline",
+                                                   "timestamp": time.time()}), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._started = False
+        self._connected.clear()
+        log.info("MQTT disconnected")
+
+
+def create_mqtt_client(settings: Settings | None = None) -> MQTTClient:
+    return MQTTClient(settings)

@@ -1,0 +1,263 @@
+"""Settings: one object built from the environment and ``config/.env``.
+
+Every key of CONTRACT.md section 5 is read here and nowhere else, and checked at start so a
+bad value stops the gateway with one line naming the key (``ConfigError``), not a traceback
+an hour later in a task.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+ROOMS = ("fruiting", "spawning")
+
+# Per-room alert limits (the issue's defaults); ``co2_critical`` is the guide's
+# ``co2 > 1500 -> CRITICAL high_co2`` and applies to every room.
+DEFAULT_THRESHOLDS = {
+    "fruiting": {"temp_min": 22.0, "temp_max": 26.0, "humidity_min": 80.0, "co2_max": 1000.0,
+                 "co2_critical": 1500.0},
+    "spawning": {"temp_min": 26.0, "temp_max": 30.0, "humidity_min": 65.0,
+                 "co2_critical": 1500.0},
+}
+THRESHOLD_KEYS = ("temp_min", "temp_max", "humidity_min", "humidity_max", "co2_max",
+                  "co2_critical")
+
+STANDARD_BAUDS = (300, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value the gateway cannot run with; ``str()`` is the one line to show."""
+
+    def __init__(self, key: str, why: str, value: object = None):
+        self.key, self.why = key, why
+        shown = "" if value is None or "PASSWORD" in key else f"={value}"
+        super().__init__(f"configuration error: {key}{shown}: {why}")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def merge_thresholds(base: dict, override: object, key: str = "ALERT_THRESHOLDS") -> dict:
+    """Overlay ``override`` ({room: {limit: number}}) on ``base``; raise ConfigError on any
+    unknown room, unknown limit or non-number. Used for .env and the CONFIGURE command."""
+    if not isinstance(override, dict):
+        raise ConfigError(key, "must be a JSON object of rooms")
+    merged = {room: dict(limits) for room, limits in base.items()}
+    for room, limits in override.items():
+        if room not in ROOMS:
+            raise ConfigError(key, f"unknown room {room!r} (rooms: {', '.join(ROOMS)})")
+        if not isinstance(limits, dict):
+            raise ConfigError(key, f"{room}: must be an object of limits")
+        for name, value in limits.items():
+            if name not in THRESHOLD_KEYS:
+                raise ConfigError(key, f"{room}: unknown limit {name!r} "
+                                       f"(limits: {', '.join(THRESHOLD_KEYS)})")
+            if value is None:
+                merged[room].pop(name, None)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ConfigError(key, f"{room}.{name}: must be a number")
+            merged[room][name] = float(value)
+        lo, hi = merged[room].get("temp_min"), merged[room].get("temp_max")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(key, f"{room}: temp_min must be below temp_max")
+    return merged
+
+
+@dataclass(frozen=True)
+class Settings:
+    device_id: str = "rpi_gateway_001"
+    device_name: str = "MASH IoT Gateway"
+    device_email: str | None = None
+    device_password: str | None = field(default=None, repr=False)
+    backend_url: str | None = None
+    backend_allow_insecure: bool = False
+    backend_timeout: float = 10.0
+    mqtt_broker: str | None = None
+    mqtt_port: int = 8883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_ca_certs: str | None = None
+    mqtt_tls: bool = True
+    mqtt_qos: int = 1
+    firebase_database_url: str | None = None
+    firebase_credentials: str = "config/firebase_config.json"
+    sync_interval: int = 60
+    batch_size: int = 50
+    command_poll_interval: int = 10
+    heartbeat_interval: int = 60
+    serial_port: str | None = None
+    serial_baud: int = 9600
+    data_dir: Path = Path("data")
+    thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
+    stale_after: int = 120
+    log_level: str = "INFO"
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "mash.db"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.data_dir / "queue.db"
+
+    @property
+    def backend_enabled(self) -> bool:
+        return bool(self.backend_url and self.device_email and self.device_password)
+
+    @property
+    def mqtt_enabled(self) -> bool:
+        return bool(self.mqtt_broker)
+
+    @property
+    def firebase_enabled(self) -> bool:
+        return bool(self.firebase_database_url)
+
+    @property
+    def api_base(self) -> str | None:
+        """BACKEND_URL with ``/api/v1`` appended when it has no path (CONTRACT §2)."""
+        if not self.backend_url:
+            return None
+        url = self.backend_url.rstrip("/")
+        return url if urlsplit(url).path not in ("", "/") else url + "/api/v1"
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    # -- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, env: dict | None = None, env_file: str | os.PathLike | None = None) -> "Settings":
+        """Read settings from ``env`` (default: ``os.environ`` over ``config/.env``)."""
+        if env is None:
+            path = Path(env_file or os.environ.get("MASH_ENV_FILE", "config/.env"))
+            env = {**(dotenv_values(path) if path.is_file() else {}), **os.environ}
+        return cls.from_mapping(env)
+
+    @classmethod
+    def from_mapping(cls, env: dict) -> "Settings":
+        def text(key, default=None):
+            value = env.get(key)
+            value = value.strip() if isinstance(value, str) else value
+            return value if value else default
+
+        def integer(key, default, lo, hi):
+            raw = text(key)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(key, "must be a whole number", raw) from None
+            if not lo <= value <= hi:
+                raise ConfigError(key, f"must be between {lo} and {hi}", raw)
+            return value
+
+        def flag(key, default):
+            raw = text(key)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(key, "must be 1 or 0", raw)
+
+        device_id = text("DEVICE_ID", cls.device_id)
+        if not DEVICE_ID_RE.match(device_id):
+            raise ConfigError("DEVICE_ID", "letters, digits, '_', '-' and '.' only (it is part of "
+                                           "MQTT topics), at most 64", device_id)
+
+        insecure = flag("BACKEND_ALLOW_INSECURE", False)
+        backend_url = text("BACKEND_URL")
+        if backend_url:
+            parts = urlsplit(backend_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("BACKEND_URL", "must be an https:// URL", backend_url)
+            if parts.scheme == "http" and not (_is_loopback(parts.hostname) or insecure):
+                raise ConfigError("BACKEND_URL", "plain http is refused except on a loopback host "
+                                                 "or with BACKEND_ALLOW_INSECURE=1", backend_url)
+        timeout = text("BACKEND_TIMEOUT")
+        try:
+            backend_timeout = float(timeout) if timeout else cls.backend_timeout
+        except ValueError:
+            raise ConfigError("BACKEND_TIMEOUT", "must be a number of seconds", timeout) from None
+        if not 0 < backend_timeout <= 300:
+            raise ConfigError("BACKEND_TIMEOUT", "must be between 0 and 300 seconds", timeout)
+
+        qos = integer("MQTT_QOS", 1, 0, 2)
+        if qos == 2:
+            raise ConfigError("MQTT_QOS", "QoS 2 is refused (the guide advises against it); use 0 or 1",
+                              qos)
+        ca = text("MQTT_CA_CERTS")
+        if ca and not Path(ca).is_file():
+            raise ConfigError("MQTT_CA_CERTS", "no such file", ca)
+
+        serial_port = text("SERIAL_PORT")
+        baud = integer("SERIAL_BAUD", 9600, 300, 115200)
+        if baud not in STANDARD_BAUDS:
+            raise ConfigError("SERIAL_BAUD", "not a standard baud rate "
+                                             f"({', '.join(map(str, STANDARD_BAUDS))})", baud)
+
+        raw_thresholds = text("ALERT_THRESHOLDS")
+        override = {}
+        if raw_thresholds:
+            try:
+                override = json.loads(raw_thresholds)
+            except ValueError:
+                raise ConfigError("ALERT_THRESHOLDS", "must be JSON like "
+                                  '{"fruiting":{"temp_max":27}}') from None
+        thresholds = merge_thresholds(DEFAULT_THRESHOLDS, override)
+
+        level = text("LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR", level)
+
+        fb_url = text("FIREBASE_DATABASE_URL")
+        if fb_url and not urlsplit(fb_url).scheme.startswith("http"):
+            raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
+
+        return cls(
+            device_id=device_id,
+            device_name=text("DEVICE_NAME", cls.device_name),
+            device_email=text("DEVICE_EMAIL"),
+            device_password=text("DEVICE_PASSWORD"),
+            backend_url=backend_url,
+            backend_allow_insecure=insecure,
+            backend_timeout=backend_timeout,
+            mqtt_broker=text("MQTT_BROKER"),
+            mqtt_port=integer("MQTT_PORT", 8883, 1, 65535),
+            mqtt_username=text("MQTT_USERNAME"),
+            mqtt_password=text("MQTT_PASSWORD"),
+            mqtt_ca_certs=ca,
+            mqtt_tls=flag("MQTT_TLS", True),
+            mqtt_qos=qos,
+            firebase_database_url=fb_url,
+            firebase_credentials=text("FIREBASE_CREDENTIALS", cls.firebase_credentials),
+            sync_interval=integer("SYNC_INTERVAL", 60, 1, 86400),
+            batch_size=integer("BATCH_SIZE", 50, 1, 5000),
+            command_poll_interval=integer("COMMAND_POLL_INTERVAL", 10, 1, 3600),
+            heartbeat_interval=integer("HEARTBEAT_INTERVAL", 60, 1, 86400),
+            serial_port=serial_port,
+            serial_baud=baud,
+            data_dir=Path(text("MASH_DATA_DIR", "data")),
+            thresholds=thresholds,
+            stale_after=integer("STALE_AFTER", 120, 10, 86400),
+            log_level=level,
+        )

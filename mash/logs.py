@@ -1,0 +1,35 @@
+"""Logging set-up shared by every entry point: one format, one level from LOG_LEVEL."""
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_mash", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler._mash = True
+        root.addHandler(handler)
+    root.setLevel(level)
+    # Per-request chatter from the HTTP stack is not a state change.
+    logging.getLogger("peewee").setLevel(logging.INFO)    # SQL per poll is not a log
+    for noisy in ("urllib3", "huey.consumer.Scheduler"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class OncePerKind:
+    """Log the first occurrence of each kind, count the rest (bad lines, rejected payloads)."""
+
+    def __init__(self, logger: logging.Logger, what: str):
+        self.logger, self.what = logger, what
+        self.seen: set[str] = set()
+
+    def __call__(self, kind: str, detail: str) -> None:
+        if kind not in self.seen:
+            self.seen.add(kind)
+            self.logger.warning("%s (%s): %s; further ones of this kind are counted, not logged",
+                                self.what, kind, detail)

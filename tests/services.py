@@ -1,0 +1,394 @@
+"""Real peers for the tests, each on 127.0.0.1 and a free port, stopped by whoever started it.
+
+- ``Broker``: Debian's mosquitto with TLS (a CA and server certificate made here) and a
+  password file.
+- ``DevServer``: the project's reference backend (``mash devserver``) as a subprocess.
+- ``RTDBStandIn``: an HTTP server speaking the Realtime Database REST protocol that
+  firebase-admin uses, because the official emulator cannot run here (it needs Java 21 and
+  downloads a jar); firebase-admin itself talks to it through FIREBASE_DATABASE_EMULATOR_HOST.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- TLS material ------------------------------------------------------------------------------
+def make_ca(directory: Path, name: str = "MASH test CA") -> dict:
+    """A CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def key():
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def pem_key(k, path):
+        path.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()))
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                         critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    srv_key = key()
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+           .issuer_name(ca_name).public_key(srv_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                          critical=False)
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                          critical=False)
+           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                          critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    pem_key(srv_key, paths["key"])
+    return paths
+
+
+def make_service_account(path: Path) -> Path:
+    """A syntactically real service-account key (a fresh RSA key) for firebase-admin."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()).decode()
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "mash-test", "private_key_id": "k1",
+        "private_key": pem, "client_email": "gateway@mash-test.iam.gserviceaccount.com",
+        "client_id": "1", "token_uri": "http://127.0.0.1:9/token"}))
+    return path
+
+
+# -- mosquitto -------------------------------------------------------------------------------
+class Broker:
+    USER, PASSWORD = "mash_device", "broker-secret-pw"
+
+    def __init__(self, directory: Path):
+        if not shutil.which("mosquitto"):
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tls = make_ca(directory / "tls")
+        self.port = free_port()
+        pwfile = directory / "passwd"
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), self.USER, self.PASSWORD],
+                       check=True, capture_output=True)
+        subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "observer", "observer-pw"],
+                       check=True, capture_output=True)
+        os.chmod(pwfile, 0o600)
+        self.conf = directory / "mosquitto.conf"
+        self.conf.write_text(
+            f"per_listener_settings false\n"
+            f"allow_anonymous false\npassword_file {pwfile}\n"
+            f"persistence true\npersistence_location {directory}/\nautosave_interval 1\n"
+            f"log_dest file {directory}/mosquitto.log\n"
+            f"listener {self.port} 127.0.0.1\n"
+            f"cafile {self.tls['ca']}\ncertfile {self.tls['cert']}\nkeyfile {self.tls['key']}\n"
+            f"tls_version tlsv1.2\n")
+        self.proc = None
+
+    def start(self) -> "Broker":
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def env(self) -> dict:
+        return {"MQTT_BROKER": "127.0.0.1", "MQTT_PORT": str(self.port),
+                "MQTT_USERNAME": self.USER, "MQTT_PASSWORD": self.PASSWORD,
+                "MQTT_CA_CERTS": str(self.tls["ca"])}
+
+    def observer(self, topics=("devices/#",)):
+        """A second, independent client that records what it sees."""
+        return Observer(self, topics)
+
+
+class Observer:
+    def __init__(self, broker: Broker, topics):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        import ssl
+        self.messages: list[tuple[str, dict | bytes, bool]] = []
+        self.lock = threading.Lock()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{time.time_ns()}")
+        c.username_pw_set("observer", "observer-pw")
+        ctx = ssl.create_default_context(cafile=str(broker.tls["ca"]))
+        c.tls_set_context(ctx)
+        subscribed = threading.Event()
+        def on_connect(client, userdata, flags, rc, props):
+            for t in topics:
+                client.subscribe(t, qos=1)
+        def on_subscribe(client, userdata, mid, rcs, props):
+            subscribed.set()
+        def on_message(client, userdata, msg):
+            try:
+                body = json.loads(msg.payload)
+            except ValueError:
+                body = msg.payload
+            with self.lock:
+                self.messages.append((msg.topic, body, msg.retain))
+        c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("observer could not subscribe")
+        self.client = c
+
+    def on(self, topic_suffix: str) -> list:
+        with self.lock:
+            return [body for topic, body, _ in self.messages if topic.endswith(topic_suffix)]
+
+    def publish(self, topic: str, payload, qos: int = 1) -> None:
+        data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        self.client.publish(topic, data, qos=qos).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- the reference backend ---------------------------------------------------------------------
+class DevServer:
+    EMAIL, PASSWORD = "device@mashmarket.app", "device-secret-pw"
+
+    def __init__(self, directory: Path, access_ttl: float = 900, refresh_ttl: float = 86400,
+                 rate_limit: int = 0, rate_window: float = 60.0):
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.args = ["--port", "0", "--db", str(directory / "devserver.db"),
+                     "--user", f"{self.EMAIL}:{self.PASSWORD}",
+                     "--access-ttl", str(access_ttl), "--refresh-ttl", str(refresh_ttl),
+                     "--rate-limit", str(rate_limit), "--rate-window", str(rate_window),
+                     "--secret", "test-signing-secret"]
+        self.proc = None
+        self.url = None
+
+    def start(self) -> "DevServer":
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICE_", "BACKEND_"))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mash.cli", "devserver", *self.args],
+                                     stdout=subprocess.PIPE, stderr=open(self.dir / "devserver.log", "ab"),
+                                     env=env, cwd=str(self.dir), text=True)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"devserver did not start: {line!r}")
+        self.url = line.split("listening on ", 1)[1].split()[0]          # .../api/v1
+        self.root = self.url[: -len("/api/v1")]
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def env(self) -> dict:
+        return {"BACKEND_URL": self.url, "DEVICE_EMAIL": self.EMAIL, "DEVICE_PASSWORD": self.PASSWORD}
+
+    def state(self, device: str | None = None) -> dict:
+        r = requests.get(f"{self.url}/admin/state" + (f"?device={device}" if device else ""), timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]
+
+    def faults(self, **switches) -> dict:
+        r = requests.post(f"{self.url}/admin/faults", json=switches, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]
+
+    def issue(self, device: str, command: str, parameters: dict | None = None, **extra) -> dict:
+        r = requests.post(f"{self.url}/admin/devices/{device}/commands",
+                          json={"command": command, "parameters": parameters or {}, **extra}, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]
+
+
+# -- RTDB REST stand-in ------------------------------------------------------------------------
+class RTDBStandIn:
+    """The Realtime Database REST surface firebase-admin uses: ``/<path>.json?ns=...``."""
+
+    def __init__(self):
+        self.tree: dict = {}
+        self.requests: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, status, body=None):
+                data = b"" if body is None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method):
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                if not parts.path.endswith(".json") or "ns" not in query:
+                    return self._reply(400, {"error": "path must end in .json and carry ?ns="})
+                if self.headers.get("Authorization") != "Bearer owner":
+                    return self._reply(401, {"error": "Permission denied"})
+                segs = [s for s in parts.path[:-5].split("/") if s]
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                silent = query.get("print") == ["silent"]
+                with outer.lock:
+                    outer.requests.append((method, "/" + "/".join(segs), body))
+                    if method == "GET":
+                        return self._reply(200, outer._get(segs))
+                    if method == "PUT":
+                        outer._set(segs, body)
+                        result = body
+                    elif method == "PATCH":
+                        for key, value in body.items():
+                            outer._set(segs + [s for s in key.split("/") if s], value)
+                        result = body
+                    elif method == "POST":
+                        name = f"-N{time.time_ns()}"
+                        outer._set(segs + [name], body)
+                        result = {"name": name}
+                    elif method == "DELETE":
+                        outer._set(segs, None)
+                        result = None
+                    else:
+                        return self._reply(405, {"error": "method"})
+                return self._reply(204) if silent else self._reply(200, result)
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_PUT(self):
+                self._handle("PUT")
+
+            def do_PATCH(self):
+                self._handle("PATCH")
+
+            def do_POST(self):
+                self._handle("POST")
+
+            def do_DELETE(self):
+                self._handle("DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _get(self, segs):
+        node = self.tree
+        for s in segs:
+            if not isinstance(node, dict) or s not in node:
+                return None
+            node = node[s]
+        return node
+
+    def _set(self, segs, value):
+        if not segs:
+            self.tree = value if isinstance(value, dict) else {}
+            return
+        node = self.tree
+        for s in segs[:-1]:
+            node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise ValueError("path through a leaf")
+        if value is None:
+            node.pop(segs[-1], None)
+        else:
+            node[segs[-1]] = value
+
+    def start(self) -> "RTDBStandIn":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def writes(self) -> list:
+        with self.lock:
+            return [r for r in self.requests if r[0] != "GET"]

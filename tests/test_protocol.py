@@ -1,0 +1,105 @@
+import json
+
+from hypothesis import given, settings, strategies as st
+
+from mash import protocol
+from mash.protocol import Ack, Bad, BoardReset, CommandError, Info, Reading, Watchdog, parse_line
+
+GOOD = b'{"fruiting":{"temp":24.5,"humidity":85.2,"co2":812},"spawning":{"temp":27.9,"humidity":74.1,"co2":3100}}'
+
+
+def test_parse_reading_gives_both_rooms():
+    msg = parse_line(GOOD)
+    assert isinstance(msg, Reading)
+    assert [(r.room, r.temp, r.humidity, r.co2) for r in msg.rooms] == [
+        ("fruiting", 24.5, 85.2, 812), ("spawning", 27.9, 74.1, 3100)]
+    assert msg.rejected == {}
+
+
+def test_parse_accepts_crlf():
+    assert isinstance(parse_line(GOOD + b"\r"), Reading)
+
+
+def test_invalid_reading_room_is_rejected_other_room_kept():
+    msg = parse_line(b'{"fruiting":{"error":"invalid_reading"},"spawning":{"temp":27.9,"humidity":74.1,"co2":3100}}')
+    assert [r.room for r in msg.rooms] == ["spawning"]
+    assert msg.rejected == {"fruiting": "invalid_reading"}
+
+
+def test_bad_values_are_classified():
+    cases = {
+        b'{"fruiting":{"temp":NaN,"humidity":85,"co2":800}}': "not_a_number",
+        b'{"fruiting":{"temp":"24","humidity":85,"co2":800}}': "not_a_number",
+        b'{"fruiting":{"temp":true,"humidity":85,"co2":800}}': "not_a_number",
+        b'{"fruiting":{"temp":61,"humidity":85,"co2":800}}': "out_of_range",
+        b'{"fruiting":{"temp":24,"humidity":85,"co2":399}}': "out_of_range",
+        b'{"fruiting":{"temp":24,"humidity":101,"co2":800}}': "out_of_range",
+        b'{"fruiting":{"temp":24,"humidity":85}}': "missing_field",
+        b'{"cellar":{"temp":24,"humidity":85,"co2":800}}': "unknown_room",
+    }
+    for line, kind in cases.items():
+        msg = parse_line(line)
+        assert isinstance(msg, Reading) and not msg.rooms, line
+        assert list(msg.rejected.values()) == [kind], line
+
+
+def test_truncated_and_garbage_lines_are_bad():
+    assert parse_line(GOOD[:40]) == Bad("truncated", parse_line(GOOD[:40]).detail)
+    assert parse_line(b"\xff\xfe\x00garbage").kind == "not_utf8"
+    assert parse_line(b"x" * 600).kind == "too_long"
+    assert parse_line(b"hello world").kind == "unknown_line"
+    assert parse_line(b"").kind == "empty"
+    assert parse_line(b"{}").kind == "bad_json"
+    assert parse_line(b"[1,2,3]").kind == "unknown_line"
+    assert parse_line(b"{" * 5000 + b"}" * 5000).kind in ("too_long", "bad_json")
+
+
+def test_board_lines_are_recognised():
+    assert parse_line(b"[CMD] Set MIST_MAKER to ON\r") == Ack("MIST_MAKER", "ON", "[CMD] Set MIST_MAKER to ON")
+    assert isinstance(parse_line(b"[ERROR] Unknown actuator: FOO"), CommandError)
+    assert isinstance(parse_line(b"[ERROR] deserializeJson() failed: InvalidInput"), CommandError)
+    assert isinstance(parse_line(b"[ERROR] Invalid JSON command format. Missing 'actuator' or 'state'."), CommandError)
+    assert isinstance(parse_line(b"[READY] System ready..."), BoardReset)
+    assert isinstance(parse_line(b'{"watchdog":"recovered"}'), BoardReset)
+    assert isinstance(parse_line(b"[WATCHDOG] No serial data for 60s (RPi keepalive missing)"), Watchdog)
+    for line in (b"====", b"  M.A.S.H. IoT - Arduino Firmware v1.0", b"[OK] SCD41", b"[SAFETY] All actuators OFF",
+                 b"[I2C] scan", b"[WARNING] x", b"[INFO] y", b"[ERROR] sensor fault"):
+        assert isinstance(parse_line(line), Info), line
+    assert parse_line(b"[CMD] Set TOASTER to ON").kind == "bad_ack"
+
+
+def test_encode_command_is_the_firmware_line():
+    assert protocol.encode_command("mist_maker", "on") == b'{"actuator":"MIST_MAKER","state":"ON"}\n'
+    for actuator in protocol.ACTUATORS:
+        assert len(protocol.encode_command(actuator, "OFF")) <= protocol.MAX_COMMAND
+    for bad in (("TOASTER", "ON"), ("MIST_MAKER", "HALF"), (None, "ON")):
+        try:
+            protocol.encode_command(*bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=700))
+def test_parser_never_raises_on_arbitrary_bytes(raw):
+    msg = parse_line(raw)
+    assert msg is not None
+    if isinstance(msg, Reading):
+        for r in msg.rooms:
+            assert -10 <= r.temp <= 60 and 0 <= r.humidity <= 100 and 400 <= r.co2 <= 5000
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+                           max_leaves=10)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.dictionaries(st.sampled_from(["fruiting", "spawning", "x"]),
+                       st.dictionaries(st.sampled_from(["temp", "humidity", "co2", "error"]), json_values,
+                                       max_size=4), max_size=3))
+def test_parser_never_raises_on_reading_shaped_json(obj):
+    raw = json.dumps(obj, allow_nan=True).encode()
+    msg = parse_line(raw)
+    assert msg is not None
