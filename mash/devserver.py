@@ -485,7 +485,8 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
     def _send(self, status: int, payload, headers=None, path="") -> None:
-        if status < 400 and not self.backend.faults.bare:
+        bare = self.backend.faults.bare and not path.startswith(PREFIX + "/admin/")
+        if status < 400 and not bare:
             payload = {"success": True, "statusCode": status, "data": payload,
                        "timestamp": _iso_now(), "path": path}
         body = json.dumps(payload).encode()
@@ -510,11 +511,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._error(HTTPError(413, "body too large"), path)
         raw = self.rfile.read(length) if length else b""
-        if b.faults.drop_until > time.monotonic():
+        admin = path.startswith(PREFIX + "/admin/")     # the fault switches never hit admin
+        if not admin and b.faults.drop_until > time.monotonic():
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        if b.faults.latency:
+        if not admin and b.faults.latency:
             time.sleep(b.faults.latency)
         try:
             body = {}
@@ -525,8 +527,8 @@ class Handler(BaseHTTPRequestHandler):
                     raise HTTPError(400, "Unexpected token in JSON body") from None
                 if not isinstance(body, dict):
                     raise HTTPError(400, "body must be a JSON object")
-            if path.startswith(PREFIX + "/admin/"):
-                status, payload = self._admin(method, path[len(PREFIX) + 6:], body)
+            if admin:
+                status, payload = self._admin(method, path[len(PREFIX + "/admin/"):], body)
                 return self._send(status, payload, path=path)
             with b.lock:
                 b.requests += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -140,6 +141,8 @@ class Broker:
         self.conf = directory / "mosquitto.conf"
         self.conf.write_text(
             f"per_listener_settings false\n"
+            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"   # no privilege drop: files are ours
+
             f"allow_anonymous false\npassword_file {pwfile}\n"
             f"persistence true\npersistence_location {directory}/\nautosave_interval 1\n"
             f"log_dest file {directory}/mosquitto.log\n"
@@ -233,7 +236,7 @@ class DevServer:
                      "--user", f"{self.EMAIL}:{self.PASSWORD}",
                      "--access-ttl", str(access_ttl), "--refresh-ttl", str(refresh_ttl),
                      "--rate-limit", str(rate_limit), "--rate-window", str(rate_window),
-                     "--secret", "test-signing-secret"]
+                     "--secret", "test-signing-secret-of-at-least-32-bytes"]
         self.proc = None
         self.url = None
 

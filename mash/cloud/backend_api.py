@@ -268,7 +268,8 @@ class BackendAPIClient:
         return self._send("POST", "/alerts/trigger", {
             "eventType": event_type, "severity": severity, "message": message,
             "deviceId": self.settings.device_id,
-            "data": {"room": room, "value": value, "threshold": threshold},
+            "data": {k: v for k, v in (("room", room), ("value", value), ("threshold", threshold))
+                     if v is not None},
             "triggeredAt": triggered_at or iso(utcnow())})
 
     def get_configuration(self) -> dict:

@@ -8,12 +8,16 @@ twice overwrites itself; a batch is one multi-path ``update``: one HTTP request.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 
 from mash.config import Settings
 
 log = logging.getLogger("mash.firebase")
+
+
+_APP_SEQ = itertools.count(1)
 
 
 class FirebaseError(Exception):
@@ -50,7 +54,7 @@ class FirebaseSync:
                 cred = credentials.ApplicationDefault()   # never consulted by the emulator path
             else:
                 raise ValueError(f"no service-account key at {s.firebase_credentials}")
-            name = f"mash-{s.device_id}-{id(self)}"
+            name = f"mash-{s.device_id}-{next(_APP_SEQ)}"     # one firebase app per instance
             self._app = firebase_admin.initialize_app(cred, {"databaseURL": s.firebase_database_url},
                                                       name=name)
             self._db = db

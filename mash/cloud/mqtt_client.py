@@ -39,6 +39,7 @@ class MQTTClient:
         self._confirmed_early: set[int] = set()
         self.last_error: str | None = None
         self._started = False
+        self._closing = False
         self.status_extra = lambda: {}
         self.rejected = 0
         self.client = None
@@ -59,6 +60,7 @@ class MQTTClient:
         c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
                                                      "status": "offline"}), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.enable_logger(logging.getLogger("mash.mqtt.paho"))   # packet log at DEBUG only
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -84,7 +86,7 @@ class MQTTClient:
         self.publish_status("online")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             log.warning("MQTT offline (%s); reconnecting by itself", reason_code)
         self._connected.clear()
 
@@ -210,9 +212,10 @@ class MQTTClient:
                 info.wait_for_publish(timeout=3)
             except (RuntimeError, ValueError):
                 pass
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
-        self._started = False
+        self._started = self._closing = False
         self._connected.clear()
         log.info("MQTT disconnected")
 
