@@ -64,6 +64,7 @@ def merge_thresholds(base: dict, override: object, key: str = "ALERT_THRESHOLDS"
             raise ConfigError(key, f"unknown room {room!r} (rooms: {', '.join(ROOMS)})")
         if not isinstance(limits, dict):
             raise ConfigError(key, f"{room}: must be an object of limits")
+        merged.setdefault(room, {})
         for name, value in limits.items():
             if name not in THRESHOLD_KEYS:
                 raise ConfigError(key, f"{room}: unknown limit {name!r} "

@@ -157,13 +157,15 @@ class Faults:
 
     def __init__(self):
         self.fail_next = 0
+        self.fail_after = 0          # let this many requests through before fail_next starts
         self.fail_status = 503
         self.latency = 0.0
         self.drop_until = 0.0
         self.bare = False            # answer bodies without the envelope
 
     def as_dict(self):
-        return {"fail_next": self.fail_next, "fail_status": self.fail_status,
+        return {"fail_next": self.fail_next, "fail_after": self.fail_after,
+                "fail_status": self.fail_status,
                 "latency": self.latency, "drop_for": max(0.0, self.drop_until - time.monotonic()),
                 "bare": self.bare}
 
@@ -441,6 +443,7 @@ class Backend:
         f = self.faults
         if "fail_next" in body:
             f.fail_next = int(body["fail_next"])
+            f.fail_after = int(body.get("fail_after", 0))
             f.fail_status = int(body.get("fail_status", 503))
         if "latency" in body:
             f.latency = float(body["latency"])
@@ -532,7 +535,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(status, payload, path=path)
             with b.lock:
                 b.requests += 1
-                if b.faults.fail_next > 0:
+                if b.faults.fail_next > 0 and b.faults.fail_after > 0:
+                    b.faults.fail_after -= 1
+                elif b.faults.fail_next > 0:
                     b.faults.fail_next -= 1
                     raise HTTPError(b.faults.fail_status, "Service temporarily unavailable")
             if not path.startswith(PREFIX + "/"):

@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +15,9 @@ os.environ["MASH_ENV_FILE"] = os.devnull
 for key in list(os.environ):
     if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_")):
         del os.environ[key]
+# mash.tasks builds its queue from MASH_DATA_DIR at import: keep that out of the checkout.
+os.environ["MASH_DATA_DIR"] = _session_dir = tempfile.mkdtemp(prefix="mash-tests-")
+atexit.register(shutil.rmtree, _session_dir, True)
 
 
 @pytest.fixture
@@ -95,3 +101,23 @@ def run_cli(tmp_path):
         return subprocess.run([sys.executable, "-m", "mash.cli", *args], capture_output=True,
                               text=True, env=full, cwd=str(tmp_path), timeout=timeout)
     return run
+
+
+@pytest.fixture
+def gateway(make_settings, devserver, broker, rtdb):
+    """A worker runtime wired to every real sink, with Huey in immediate mode."""
+    from mash import tasks
+    from mash.tasks.runtime import Runtime
+    settings = make_settings(**devserver.env(), **broker.env(),
+                             FIREBASE_DATABASE_URL="https://mash-test.firebaseio.com",
+                             FIREBASE_CREDENTIALS=str(rtdb.credentials))
+    tasks.huey.immediate = True
+    rt = Runtime(settings)
+    tasks.set_runtime(rt)
+    rt.devserver, rt.rtdb, rt.broker = devserver, rtdb, broker
+    yield rt
+    rt.stop()
+    if rt.mqtt is not None:
+        rt.mqtt.disconnect()
+    tasks.set_runtime(None)
+    tasks.huey.immediate = False

@@ -41,6 +41,7 @@ class MQTTClient:
         self._started = False
         self._closing = False
         self.status_extra = lambda: {}
+        self.on_state_change = None       # fn(connected: bool), from paho's thread
         self.rejected = 0
         self.client = None
         if s.mqtt_enabled:
@@ -84,11 +85,22 @@ class MQTTClient:
         self._connected.set()
         log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
         self.publish_status("online")
+        self._notify(True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self._connected.is_set() and not self._closing:
             log.warning("MQTT offline (%s); reconnecting by itself", reason_code)
+        was = self._connected.is_set()
         self._connected.clear()
+        if was:
+            self._notify(False)
+
+    def _notify(self, connected: bool) -> None:
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(connected)
+            except Exception:
+                log.exception("MQTT state callback failed")
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         with self._lock:

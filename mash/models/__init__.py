@@ -26,7 +26,9 @@ from mash.models.migrations import SCHEMA_VERSION, migrate
 
 log = logging.getLogger(__name__)
 
-db = SqliteDatabase(None)
+# IMMEDIATE: a transaction that reads then writes takes the write lock up front, so two
+# processes never deadlock on a lock upgrade (which SQLite answers with "database is locked").
+db = SqliteDatabase(None, lock_type="IMMEDIATE")
 
 PENDING, SYNCED, REJECTED = 0, 1, -1
 
@@ -410,13 +412,6 @@ class DatabaseManager:
     def sink(self, name: str) -> SinkState:
         return SinkState.get_or_none(SinkState.name == name) or SinkState(name=name, online=0,
                                                                           progress=0)
-
-    def set_progress(self, name: str, progress: int) -> None:
-        (SinkState.insert(name=name, online=1, progress=progress, last_ok=utcnow())
-         .on_conflict(conflict_target=[SinkState.name],
-                      update={SinkState.progress: progress, SinkState.online: 1,
-                              SinkState.last_ok: utcnow(), SinkState.last_error: None})
-         .execute())
 
     # -- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict:

@@ -1,0 +1,120 @@
+"""The guide's sync manager: its API over the same runtime and Huey tasks as the worker.
+
+For an application that reads sensors itself (the guide's "Integration with Main
+Application"): ``start()`` runs an in-process Huey consumer and the runtime's scheduler, so the
+same tasks drain the store, deliver alerts and acks, and bring commands in. Commands that need
+the hardware (``set_actuator``) wait in the ledger for ``get_pending_command()`` and are closed
+by ``acknowledge_command()``. Where the gateway's own reader runs, use the worker instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from mash.models import Alert, Command, DatabaseManager, db, utcnow
+
+log = logging.getLogger("mash.sync")
+
+SEVERITIES = ("INFO", "WARNING", "CRITICAL")
+
+
+class SyncManager:
+    def __init__(self, db_manager: DatabaseManager, backend_client=None, mqtt_client=None,
+                 firebase_sync=None, settings=None):
+        from mash import tasks
+        from mash.tasks.runtime import Runtime
+        self.settings = settings or tasks.settings
+        self.store = db_manager
+        self.runtime = Runtime(self.settings, store=db_manager, backend=backend_client,
+                               mqtt=mqtt_client, firebase=firebase_sync, live_feed=False)
+        self._consumer = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the tasks in this process: a Huey consumer (threads) and the scheduler."""
+        from mash import tasks
+        from mash.worker import CONSUMER_OPTIONS
+        tasks.set_runtime(self.runtime)
+        if tasks.settings.queue_path != self.settings.queue_path:
+            tasks.use_queue_file(self.settings.queue_path)
+        self.runtime.start()
+        if not tasks.huey.immediate:
+            options = dict(CONSUMER_OPTIONS, flush_locks=True)
+            self._consumer = tasks.huey.create_consumer(**options)
+            # start() would install signal handlers: the application owns those.
+            self._consumer.scheduler.start()
+            for _, worker in self._consumer.worker_threads:
+                worker.start()
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop(graceful=True)
+            self._consumer = None
+        self.runtime.stop()
+        from mash import tasks
+        tasks.set_runtime(None)
+
+    # -- the guide's calls --------------------------------------------------------------------
+    def queue_sensor_data(self, data: dict) -> bool:
+        """Publish a reading on the live MQTT feed now (the store is the durable copy)."""
+        mqtt = self.runtime.mqtt
+        if mqtt is None or not mqtt.is_alive():
+            return False
+        return mqtt.publish_sensor_data(data)
+
+    def queue_alert(self, alert_type: str, message: str, severity: str = "WARNING",
+                    room: str | None = None) -> None:
+        """Store an alert durably and have it delivered to the backend and MQTT."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
+        Alert.create(event_type=alert_type, severity=severity, room=room, message=message,
+                     state="raised", created_at=utcnow())
+        self._enqueue("deliver_alerts")
+
+    def get_pending_command(self, timeout: float = 0.0) -> dict | None:
+        """The next ``set_actuator`` command to execute, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with db.atomic():
+                cmd = self.store.next_board_command()
+                if cmd is not None and cmd.status == "queued":
+                    Command.update(status="running", attempts=Command.attempts + 1).where(
+                        Command.seq == cmd.seq).execute()
+                    return {"id": cmd.command_id, "command": cmd.command,
+                            "parameters": json.loads(cmd.parameters), "source": cmd.source}
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def acknowledge_command(self, command_id: str, success: bool, response: dict | None = None) -> bool:
+        """Close a command; its final status goes to the backend and MQTT ``command_ack``."""
+        cmd = Command.get_or_none(Command.command_id == command_id)
+        desired = None
+        if cmd is not None and success and cmd.command == "set_actuator":
+            params = json.loads(cmd.parameters)
+            desired = (params["actuator"], params["state"])
+        changed = self.store.finish_command(command_id, bool(success), response=response,
+                                            reason=None if success else "failed on the device",
+                                            desired=desired)
+        if changed:
+            self._enqueue("deliver_acks")
+        return changed
+
+    def get_stats(self) -> dict:
+        stats = self.store.get_stats()
+        if self.runtime.mqtt is not None:
+            stats["mqtt_online"] = self.runtime.mqtt.is_alive()
+        return stats
+
+    def force_sync(self) -> None:
+        self._enqueue("force_sync")
+
+    def _enqueue(self, name: str) -> None:
+        from mash import tasks
+        getattr(tasks, name)()
+
+
+def create_sync_manager(db_manager: DatabaseManager, backend_client=None, mqtt_client=None,
+                        firebase_sync=None, settings=None) -> SyncManager:
+    return SyncManager(db_manager, backend_client, mqtt_client, firebase_sync, settings)

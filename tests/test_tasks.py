@@ -1,0 +1,255 @@
+"""Task logic in Huey immediate mode against the reference backend, mosquitto and the RTDB
+stand-in."""
+import datetime as dt
+import json
+import time
+
+import pytest
+from huey.exceptions import RetryTask
+
+from mash import tasks
+from mash.cloud.backend_api import RetryableError
+from mash.commands import intake
+from mash.models import Alert, Command, SensorData, db, utcnow
+from mash.tasks import jobs
+from tests.services import wait_for
+
+DEVICE = "rpi_gateway_001"
+
+
+def add_backlog(store, lines, start=None):
+    """Store ``lines`` reading lines quickly (two rooms each), as the reader would."""
+    start = start or utcnow() - dt.timedelta(days=7)
+    rows = []
+    for i in range(lines):
+        ts = start + dt.timedelta(seconds=5 * i)
+        key = ts.strftime("%Y-%m-%dT%H-%M-%S")
+        rows.append(dict(room="fruiting", temperature=24.0, humidity=85.0, co2=800 + i % 100,
+                         timestamp=ts, fb_key=key))
+        rows.append(dict(room="spawning", temperature=28.0, humidity=70.0, co2=900 + i % 100,
+                         timestamp=ts, fb_key=key))
+    with db.atomic():
+        for k in range(0, len(rows), 400):
+            SensorData.insert_many(rows[k:k + 400]).execute()
+
+
+def backend_ids(devserver):
+    return devserver.state(DEVICE)["reading_ids"]
+
+
+def test_backlog_of_10000_readings_drains_in_one_sync_run(gateway):
+    add_backlog(gateway.store, 5000)
+    t0 = time.monotonic()
+    tasks.sync_readings()
+    took = time.monotonic() - t0
+    assert gateway.store.pending_count() == 0
+    ids = backend_ids(gateway.devserver)
+    assert len(ids) == 10000 == len(set(ids))
+    expected = {gateway.store.reading_id(r.id) for r in SensorData.select(SensorData.id)}
+    assert set(ids) == expected
+    print(f"drained 10,000 readings in {took:.2f} s ({10000 / took:.0f} readings/s)")
+
+
+def test_a_503_mid_drain_leaves_only_the_failed_batch_and_a_retry_finishes_it(gateway):
+    gateway.settings = gateway.settings.with_(batch_size=100)
+    add_backlog(gateway.store, 100)          # 200 readings: 2 batches of 100 (no large-backlog mode)
+    gateway.store.pending_count()
+    jobs.ensure_registered(gateway)
+    gateway.devserver.faults(fail_next=1, fail_after=0)
+    with pytest.raises(RetryableError):
+        jobs.sync_readings(gateway)
+    pending = SensorData.select().where(SensorData.synced == 0)
+    assert pending.count() == 100 and [r.id for r in pending] == list(range(1, 101))
+    assert jobs.sync_readings(gateway) == 100      # the retry
+    assert gateway.store.pending_count() == 0
+    assert len(backend_ids(gateway.devserver)) == 200
+
+
+def test_huey_retries_a_failed_sync_with_backoff(gateway):
+    add_backlog(gateway.store, 10)
+    gateway.devserver.faults(fail_next=50)
+    tasks.sync_readings()                       # immediate mode: the retry is scheduled, not run
+    scheduled = tasks.huey.scheduled()
+    assert [t.name for t in scheduled] == ["sync_readings"]
+    assert scheduled[0].retries == 3 and scheduled[0].retry_delay == 10   # 5 s, doubled
+    gateway.devserver.faults(fail_next=0)
+    tasks.huey.storage.flush_schedule()
+
+
+def test_429_becomes_a_retry_after_exactly_retry_after(gateway, devserver_factory):
+    add_backlog(gateway.store, 600)
+    jobs.ensure_registered(gateway)
+    gateway.devserver.faults(rate_limit=2, rate_window=3)
+    with pytest.raises(RetryTask) as err:
+        tasks._run(jobs.sync_readings)
+    assert err.value.delay >= 1
+    assert gateway.store.pending_count() == 1200 - 2 * 500
+
+
+def test_an_expired_access_token_mid_drain_costs_no_batch(make_settings, devserver_factory, store):
+    from mash.tasks.runtime import Runtime
+    server = devserver_factory(access_ttl=1, refresh_ttl=3)
+    rt = Runtime(make_settings(**server.env(), BATCH_SIZE="20"), store=store)
+    rt.drain_batch = 20
+    add_backlog(store, 300)
+    jobs.ensure_registered(rt)
+    server.faults(latency=0.1)                  # 30 batches of 20, ~10 a second: tokens die mid-drain
+    t0 = time.monotonic()
+    assert jobs.sync_readings(rt) == 600        # one run, no batch lost or refused
+    assert time.monotonic() - t0 > 3
+    assert SensorData.select().where(SensorData.synced == -1).count() == 0
+    assert len(backend_ids(server)) == 600
+
+
+def test_a_permanent_error_is_recorded_and_does_not_block_what_is_behind(gateway):
+    gateway.settings = gateway.settings.with_(batch_size=10)
+    add_backlog(gateway.store, 15)
+    SensorData.update(room="cellar").where(SensorData.id == 12).execute()   # the backend refuses it
+    jobs.sync_readings(gateway)
+    assert SensorData.select().where(SensorData.synced == -1).count() == 10
+    assert SensorData.select().where(SensorData.synced == 1).count() == 20
+    assert "room must be one of" in gateway.store.meta_get("last_rejection")["reason"]
+    assert gateway.store.get_stats()["rejected_records"] == 10
+
+
+def test_firebase_backup_has_its_own_progress_and_never_holds_back_the_backend(gateway):
+    add_backlog(gateway.store, 30)
+    gateway.rtdb.stop()                                          # Firebase away
+    with pytest.raises(RetryableError):
+        jobs.backup_firebase(gateway)
+    assert jobs.sync_readings(gateway) == 60                     # the backend is not held back
+    assert gateway.store.get_stats()["firebase_lag_records"] == 60
+    from tests.services import RTDBStandIn
+    import os
+    rtdb = RTDBStandIn().start()
+    os.environ["FIREBASE_DATABASE_EMULATOR_HOST"] = rtdb.host
+    try:
+        from mash.cloud.firebase import FirebaseSync
+        gateway.firebase = FirebaseSync(gateway.settings)
+        assert jobs.backup_firebase(gateway) == 60
+        assert jobs.backup_firebase(gateway) == 0
+        tree = rtdb.tree["sensor_data"]
+        assert len(tree["fruiting"]) == 30 and len(tree["spawning"]) == 30
+        assert len(rtdb.writes()) == 1
+        assert gateway.store.get_stats()["firebase_lag_records"] == 0
+    finally:
+        rtdb.stop()
+
+
+def test_a_duplicate_command_id_from_both_channels_runs_once(gateway, observer):
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    cmd = gateway.devserver.issue(DEVICE, "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"},
+                                  id="dup-1")
+    observer.publish(f"devices/{DEVICE}/commands", {"id": "dup-1", "command": "set_actuator",
+                                                     "parameters": cmd["parameters"]})
+    wait_for(lambda: Command.select().where(Command.command_id == "dup-1").exists(), what="ledger")
+    assert jobs.poll_commands(gateway) == 0
+    observer.publish(f"devices/{DEVICE}/commands", {"id": "dup-1", "command": "set_actuator",
+                                                     "parameters": cmd["parameters"]})
+    wait_for(lambda: gateway.store.counters().get("command.duplicate", 0) >= 2, what="duplicates counted")
+    assert Command.select().where(Command.command_id == "dup-1").count() == 1
+
+
+def test_rejected_commands_are_acked_failed_with_the_reason(gateway, observer):
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    past = (utcnow() - dt.timedelta(minutes=1)).isoformat() + "Z"
+    cases = {
+        "c-expired": ({"command": "set_actuator", "parameters": {"actuator": "MIST_MAKER", "state": "ON"},
+                       "expiresAt": past}, "expired"),
+        "c-unknown": ({"command": "self_destruct"}, "unknown command"),
+        "c-malformed": ({"command": "set_actuator", "parameters": {"actuator": "TOASTER", "state": "ON"}},
+                        "malformed"),
+        "c-state": ({"command": "set_actuator", "parameters": {"actuator": "MIST_MAKER", "state": "HALF"}},
+                    "malformed"),
+        "c-oversize": ({"command": "REQUEST_STATUS", "parameters": {"pad": "x" * 5000}}, "oversize"),
+        "c-other": ({"command": "REQUEST_STATUS", "deviceId": "someone_else"}, "addressed to device"),
+    }
+    for cid, (body, _) in cases.items():
+        observer.publish(f"devices/{DEVICE}/commands", {"id": cid, **body})
+    for raw in (b"not json", b"[1,2]", json.dumps({"command": "REQUEST_STATUS"}).encode(),
+                json.dumps({"id": 7, "command": "REQUEST_STATUS"}).encode()):
+        observer.publish(f"devices/{DEVICE}/commands", raw)
+    wait_for(lambda: len(observer.on("/command_ack")) >= len(cases), timeout=15, what="failed acks")
+    acks = {a["id"]: a for a in observer.on("/command_ack")}
+    for cid, (_, reason) in cases.items():
+        assert acks[cid]["status"] == "failed" and reason in acks[cid]["response"]["reason"], cid
+    counters = gateway.store.counters()
+    assert counters["bad_command.bad_json"] == 1 and counters["bad_command.not_object"] == 1
+    assert counters["bad_command.no_usable_id"] == 2
+    assert not Command.select().where(Command.status.in_(["queued", "running"])).exists()
+    # backend side: unknown to the backend, so its 404 is recorded, not retried
+    wait_for(lambda: not gateway.store.unacked_commands("backend"), what="backend acks")
+    assert all("404" in (c.backend_ack_error or "") for c in Command.select())
+
+
+def test_worker_commands_request_status_force_sync_configure(gateway, observer):
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    add_backlog(gateway.store, 5)
+    assert intake(gateway, {"id": "s1", "command": "REQUEST_STATUS"}, "mqtt") == "done"
+    assert intake(gateway, {"id": "s2", "command": "force_sync"}, "mqtt") == "done"
+    assert intake(gateway, {"id": "s3", "command": "CONFIGURE", "parameters": {
+        "thresholds": {"fruiting": {"temp_max": 27}}, "sync_interval": 30}}, "mqtt") == "done"
+    assert intake(gateway, {"id": "s4", "command": "CONFIGURE", "parameters": {
+        "thresholds": {"cellar": {"temp_max": 27}}}}, "mqtt") == "failed"
+    wait_for(lambda: gateway.store.pending_count() == 0, what="force_sync drained")
+    assert gateway.store.meta_get("configuration") == {"thresholds": {"fruiting": {"temp_max": 27}},
+                                                       "sync_interval": 30}
+    assert gateway.intervals["sync"] == 30
+    status = json.loads(Command.get(Command.command_id == "s1").response)["stats"]
+    assert status["pending_records"] == 10
+    wait_for(lambda: {a["id"] for a in observer.on("/command_ack")} >= {"s1", "s2", "s3", "s4"},
+             what="acks")
+
+
+def test_alerts_are_delivered_once_per_sink(gateway, observer):
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    from mash.alerts import AlertEvent
+    gateway.store.add_alerts([AlertEvent("high_co2", "CRITICAL", "fruiting", 1600, 1500, "raised",
+                                         "fruiting co2 1600 ppm is above 1500 ppm"),
+                              AlertEvent("high_co2", "CRITICAL", "fruiting", 1400, 1500, "cleared",
+                                         "fruiting co2 back to 1400 ppm")])
+    tasks.deliver_alerts()
+    wait_for(lambda: not gateway.store.undelivered_alerts("mqtt"), what="PUBACKs")
+    tasks.deliver_alerts()
+    jobs.deliver_alerts(gateway)
+    time.sleep(0.5)
+    backend = gateway.devserver.state()["alerts"]
+    assert [(a["eventType"], a["severity"]) for a in backend] == [("high_co2", "CRITICAL"),
+                                                                 ("high_co2_cleared", "INFO")]
+    assert backend[0]["data"] == {"room": "fruiting", "value": 1600, "threshold": 1500}
+    mqtt = observer.on("/alerts")
+    assert [a["type"] for a in mqtt] == ["high_co2", "high_co2_cleared"]
+    assert len({a["id"] for a in mqtt}) == 2
+
+
+def test_heartbeat_registers_then_reports_status_everywhere(gateway, observer):
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    add_backlog(gateway.store, 3)
+    stats = jobs.heartbeat(gateway)
+    device = gateway.devserver.state()["devices"][0]
+    assert device["serialNumber"] == DEVICE and device["status"] == "ONLINE"
+    assert device["metadata"]["pending_records"] == 6 == stats["pending_records"]
+    wait_for(lambda: [s for s in observer.on("/status") if s.get("pending_records") == 6], what="status")
+    assert gateway.rtdb.tree["devices"][DEVICE]["status"]["pending_records"] == 6
+    assert gateway.store.get_stats()["backend_online"] is True
+
+
+def test_live_feed_publishes_new_readings_fast_and_does_not_replay(gateway, observer):
+    add_backlog(gateway.store, 3)              # stored before the broker link: not replayed
+    gateway.start()
+    wait_for(gateway.mqtt.is_alive, what="MQTT up")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    gateway.store.save_sensor_data({"fruiting": {"temp": 24.1, "humidity": 85, "co2": 801},
+                                    "spawning": {"temp": 28.1, "humidity": 70, "co2": 901}})
+    msg = wait_for(lambda: observer.on("/sensor_data"), timeout=5, interval=0.005, what="live reading")
+    latency = time.monotonic() - t0
+    assert len(msg) == 1 and msg[0]["fruiting"]["co2"] == 801 and msg[0]["spawning"]["co2"] == 901
+    assert msg[0]["readingId"] == gateway.store.reading_id(7)
+    print(f"store -> MQTT subscriber: {latency * 1000:.0f} ms")
+    assert latency < 2.0          # a sanity bound; the figure itself is measured in bench/
