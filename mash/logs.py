@@ -17,6 +17,9 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # Per-request chatter from the HTTP stack is not a state change.
     logging.getLogger("peewee").setLevel(logging.INFO)    # SQL per poll is not a log
+    # Huey logs every task execution at INFO; keep its consumer's start/stop lines only.
+    logging.getLogger("huey").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("huey.consumer").setLevel(root.level)
     for noisy in ("urllib3", "huey.consumer.Scheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

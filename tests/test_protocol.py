@@ -95,7 +95,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.floats() | st.integers
                            max_leaves=10)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.dictionaries(st.sampled_from(["fruiting", "spawning", "x"]),
                        st.dictionaries(st.sampled_from(["temp", "humidity", "co2", "error"]), json_values,
                                        max_size=4), max_size=3))

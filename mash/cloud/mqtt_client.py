@@ -25,6 +25,24 @@ log = logging.getLogger("mash.mqtt")
 MAX_PAYLOAD = 256 * 1024      # larger command payloads are not even parsed
 
 
+def _nothing() -> None:
+    pass
+
+
+class _PahoNoise(logging.Filter):
+    """paho logs "Client is not connected" at ERROR after every disconnect; our own
+    on_disconnect already logs the state change once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "Client is not connected" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("mash.mqtt.paho").isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("mash.mqtt.paho").addFilter(_PahoNoise())
+
+
 class MQTTClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = s = settings or Settings.load()
@@ -82,9 +100,9 @@ class MQTTClient:
             return
         self.last_error = None
         client.subscribe(self.topic("commands"), qos=1)
-        self._connected.set()
         log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
         self.publish_status("online")
+        self._connected.set()       # after "online": a later "offline" must not overtake it
         self._notify(True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -166,20 +184,23 @@ class MQTTClient:
         if not self.enabled:
             return False
         body = json.dumps(payload, separators=(",", ":"))
+        # Never call into paho while holding our lock: paho runs on_publish under its own
+        # lock, and the two orders would deadlock. A PUBACK that beats the registration below
+        # is parked in _confirmed_early.
+        info = self.client.publish(self.topic(name), body, qos=self.qos if qos is None else qos,
+                                   retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.debug("MQTT publish on %s failed: %s", name, mqtt.error_string(info.rc))
+            return False
+        confirm = on_confirm or _nothing
         with self._lock:
-            info = self.client.publish(self.topic(name), body, qos=self.qos if qos is None else qos,
-                                       retain=retain)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.debug("MQTT publish on %s failed: %s", name, mqtt.error_string(info.rc))
-                return False
-            if on_confirm is not None:
-                if info.mid in self._confirmed_early:
-                    self._confirmed_early.discard(info.mid)
-                    on_confirm()
-                else:
-                    self._pending[info.mid] = on_confirm
-            else:
+            early = info.mid in self._confirmed_early
+            if early:
                 self._confirmed_early.discard(info.mid)
+            else:
+                self._pending[info.mid] = confirm
+        if early:
+            confirm()
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def publish_sensor_data(self, data: dict, reading_id: str | None = None, on_confirm=None) -> bool:
@@ -214,8 +235,10 @@ class MQTTClient:
 
     def disconnect(self) -> None:
         """Say offline (retained) and close; a clean close sends no last will."""
-        if not self.enabled or not self._started:
-            return
+        with self._lock:
+            if not self.enabled or not self._started or self._closing:
+                return
+            self._closing = True
         if self.is_alive():
             info = self.client.publish(self.topic("status"),
                                        json.dumps({"deviceId": self.device_id, "status": "offline",
@@ -224,7 +247,6 @@ class MQTTClient:
                 info.wait_for_publish(timeout=3)
             except (RuntimeError, ValueError):
                 pass
-        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
         self._started = self._closing = False

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import deque
 
 from mash.models import Alert, Command, DatabaseManager, db, utcnow
 
@@ -29,6 +31,11 @@ class SyncManager:
         self.runtime = Runtime(self.settings, store=db_manager, backend=backend_client,
                                mqtt=mqtt_client, firebase=firebase_sync, live_feed=False)
         self._consumer = None
+        # Readings queued while the broker is away, published on connect; bounded, oldest
+        # dropped first (the store holds every reading for the backend anyway).
+        self._live: deque = deque(maxlen=1000)
+        self._live_lock = threading.Lock()
+        self.runtime.connect_hooks.append(self._flush_live)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -57,11 +64,21 @@ class SyncManager:
 
     # -- the guide's calls --------------------------------------------------------------------
     def queue_sensor_data(self, data: dict) -> bool:
-        """Publish a reading on the live MQTT feed now (the store is the durable copy)."""
-        mqtt = self.runtime.mqtt
-        if mqtt is None or not mqtt.is_alive():
+        """Queue a reading for the live MQTT feed; sent now when connected, else on connect
+        (at most the latest 1,000; the store is the durable copy)."""
+        if self.runtime.mqtt is None:
             return False
-        return mqtt.publish_sensor_data(data)
+        self._live.append(dict(data, timestamp=data.get("timestamp", time.time())))
+        self._flush_live()
+        return True
+
+    def _flush_live(self) -> None:
+        mqtt = self.runtime.mqtt
+        with self._live_lock:
+            while self._live and mqtt.is_alive():
+                if not mqtt.publish_sensor_data(self._live[0]):
+                    break
+                self._live.popleft()
 
     def queue_alert(self, alert_type: str, message: str, severity: str = "WARNING",
                     room: str | None = None) -> None:

@@ -34,9 +34,9 @@ settings.data_dir.mkdir(parents=True, exist_ok=True)
 huey = SqliteHuey("mash", filename=str(settings.queue_path), results=False, utc=True)
 
 # Created at import so the consumer's flush_locks (python worker.py, huey_consumer -f) knows
-# them: a kill -9 mid-task must not leave a lock that blocks the next run. The TTL is a second
-# guard for consumers started without -f.
-_locks = {name: huey.lock_task(name, ttl=900) for name in
+# them: a kill -9 mid-task must not leave a lock that blocks the next run. (SqliteHuey has no
+# lock TTLs, so -f matters.)
+_locks = {name: huey.lock_task(name) for name in
           ("sync_readings", "backup_firebase", "deliver_acks", "deliver_alerts")}
 
 _runtime: Runtime | None = None
@@ -67,6 +67,8 @@ def use_queue_file(path) -> None:
 
 @huey.on_startup()
 def _start_runtime() -> None:
+    from mash.logs import setup_logging
+    setup_logging(settings.log_level)    # under a bare huey_consumer too
     runtime().start()
 
 
@@ -101,16 +103,30 @@ def backup_firebase():
         return _run(jobs.backup_firebase)
 
 
+def _deliver(name, job):
+    """Deliveries are sweeps: if one is running, it will also pick up what this run was
+    asked for (it repeats until a pass finds nothing new), so skip instead of waiting."""
+    lock = _locks[name]
+    if lock.is_locked():
+        return 0
+    with lock:
+        total = 0
+        for _ in range(20):
+            done = _run(job)
+            total += done
+            if not done:
+                break
+        return total
+
+
 @huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_acks")
 def deliver_acks():
-    with _locks["deliver_acks"]:
-        return _run(jobs.deliver_acks)
+    return _deliver("deliver_acks", jobs.deliver_acks)
 
 
 @huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_alerts")
 def deliver_alerts():
-    with _locks["deliver_alerts"]:
-        return _run(jobs.deliver_alerts)
+    return _deliver("deliver_alerts", jobs.deliver_alerts)
 
 
 @huey.task(name="poll_commands")

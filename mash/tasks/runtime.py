@@ -56,7 +56,9 @@ class Runtime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.started = False
+        self._lifecycle = threading.Lock()
         self.live_published = 0
+        self.connect_hooks: list = []     # called (in paho's thread) on every MQTT connect
 
     # -- configuration ----------------------------------------------------------------------
     def reload_configuration(self) -> None:
@@ -72,9 +74,10 @@ class Runtime:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        if self.started:
-            return
-        self.started = True
+        with self._lifecycle:
+            if self.started:
+                return
+            self.started = True
         if self.mqtt is not None:
             from mash.commands import intake, parse_payload
 
@@ -99,8 +102,10 @@ class Runtime:
         self._threads.append(t)
 
     def stop(self) -> None:
-        if not self.started:
-            return
+        with self._lifecycle:
+            if not self.started:
+                return
+            self.started = False
         self._stop.set()
         self._wake.set()
         for t in self._threads:
@@ -108,7 +113,6 @@ class Runtime:
         if self.mqtt is not None:
             self.mqtt.disconnect()
             self.store.sink_failed("mqtt", "worker stopped")
-        self.started = False
         log.info("worker stopped")
 
     def wake(self, kind: str) -> None:
@@ -119,6 +123,8 @@ class Runtime:
     def _mqtt_state(self, connected: bool) -> None:
         if connected:
             self.store.sink_ok("mqtt")
+            for hook in self.connect_hooks:
+                hook()
             self.in_flight.clear()      # a new session: whatever was unconfirmed is sent again
             self.wake("acks")
             self.wake("alerts")
