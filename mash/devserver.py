@@ -76,6 +76,10 @@ class Reading(_M):
         indexes = ((("device", "reading_id"), True),)
 
 
+_INSERT_READING = ('INSERT OR IGNORE INTO "reading" ("device", "reading_id", "room", "temperature", '
+                   '"humidity", "co2", "timestamp") VALUES (?, ?, ?, ?, ?, ?, ?)')
+
+
 class IdempotentResponse(_M):
     key = CharField(unique=True)
     body = TextField()
@@ -338,14 +342,15 @@ class Backend:
                     raise HTTPError(400, f"{where}.{field} must be a number")
             if not _is_iso(r.get("timestamp")):
                 raise HTTPError(400, f"{where}.timestamp must be an ISO 8601 date string")
-            rows.append({"device": device_id, "reading_id": r["id"], "room": r["room"],
-                         "temperature": r["temperature"], "humidity": r["humidity"],
-                         "co2": r["co2"], "timestamp": r["timestamp"]})
+            rows.append((device_id, r["id"], r["room"], r["temperature"], r["humidity"], r["co2"],
+                         r["timestamp"]))
         with devdb.atomic():
-            before = Reading.select().where(Reading.device == device_id).count()
-            for start in range(0, len(rows), 150):
-                Reading.insert_many(rows[start:start + 150]).on_conflict_ignore().execute()
-            accepted = Reading.select().where(Reading.device == device_id).count() - before
+            conn = devdb.connection()
+            before = conn.total_changes
+            # executemany on peewee's connection: building a 500-row insert through the query
+            # builder costs more than the whole rest of the request.
+            conn.executemany(_INSERT_READING, rows)
+            accepted = conn.total_changes - before     # rows inserted; ignored ones are duplicates
             result = {"accepted": accepted, "duplicates": len(rows) - accepted}
             IdempotentResponse.create(key=f"{device_id}:{key}", body=json.dumps(result))
         return 201, result
@@ -498,8 +503,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        # Headers and body in one write: as two small writes on a kept-alive connection,
+        # Nagle's algorithm and the client's delayed ACK add ~40 ms to every response.
+        self._headers_buffer.append(b"\r\n" + body)
+        self.flush_headers()
 
     def _error(self, err: HTTPError, path: str) -> None:
         self._send(err.status, {"success": False, "statusCode": err.status,

@@ -48,6 +48,7 @@ class SimulatedBoard:
         self.actuators = {name: "OFF" for name in ACTUATORS}
         self.received: list[bytes] = []          # every line the gateway wrote, in order
         self.sent_readings = 0
+        self.boots = 0                           # banners printed (power-on, resets, opens)
         self.dropped = 0
         self.invalid_rooms: set[str] = set()
         self.refuse_next: str | None = None      # answer the next command with this line
@@ -173,6 +174,7 @@ class SimulatedBoard:
     # -- behaviour ------------------------------------------------------------------------
     def _banner(self) -> None:
         self._write("".join(line + "\r\n" for line in BANNER).encode())
+        self.boots += 1
 
     def _drift(self) -> None:
         for room, vals in self._values.items():

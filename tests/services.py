@@ -302,8 +302,8 @@ class RTDBStandIn:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._headers_buffer.append(b"\r\n" + data)     # one write: no Nagle stall
+                self.flush_headers()
 
             def _handle(self, method):
                 parts = urlsplit(self.path)

@@ -19,10 +19,13 @@ def test_debug_logs_of_a_full_session_hold_no_secret(devserver_factory, broker, 
     try:
         backend.register_device()
         tokens |= {backend._access, backend._refresh}
-        for i in range(3):                       # refresh, then a fresh login after refresh expiry
-            time.sleep(1.6 if i < 2 else 4.5)
+        for i in range(2):                       # two refreshes (access tokens live 2 s)
+            time.sleep(1.6)
             backend.update_status("ONLINE", {"i": i})
             tokens |= {backend._access, backend._refresh}
+        time.sleep(6)                            # the refresh token (4 s, exp rounded up) dies
+        backend.update_status("ONLINE", {"i": 2})
+        tokens |= {backend._access, backend._refresh}
         backend.upload_readings([{"id": "s1", "room": "fruiting", "temperature": 24.0, "humidity": 85.0,
                                   "co2": 800, "timestamp": "2026-01-28T10:00:00.000Z"}], "k")
         server.faults(fail_next=1)

@@ -81,7 +81,7 @@ def test_429_becomes_a_retry_after_exactly_retry_after(gateway, devserver_factor
     jobs.ensure_registered(gateway)
     gateway.devserver.faults(rate_limit=2, rate_window=3)
     with pytest.raises(RetryTask) as err:
-        tasks._run(jobs.sync_readings)
+        tasks._run("sync_readings")
     assert err.value.delay >= 1
     assert gateway.store.pending_count() == 1200 - 2 * 500
 

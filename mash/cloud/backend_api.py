@@ -18,38 +18,14 @@ import uuid
 import jwt
 import requests
 
+from mash.cloud.errors import (AuthError, BackendError, NotConfigured, PermanentError,  # noqa: F401
+                               RetryableError)
 from mash.config import Settings
 from mash.models import iso, utcnow
 
 log = logging.getLogger("mash.backend")
 
 CONNECT_TIMEOUT = 5.0
-
-
-class BackendError(Exception):
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class RetryableError(BackendError):
-    """Try again later; ``retry_after`` (s) is the server's own word when it gave one."""
-
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message, status)
-        self.retry_after = retry_after
-
-
-class PermanentError(BackendError):
-    """The request is wrong; sending it again unchanged will fail again."""
-
-
-class AuthError(PermanentError):
-    """The device's credentials were refused."""
-
-
-class NotConfigured(PermanentError):
-    pass
 
 
 def unwrap(body):

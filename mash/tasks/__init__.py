@@ -16,10 +16,11 @@ import time
 from huey import SqliteHuey
 from huey.exceptions import RetryTask, TaskLockedException
 
-from mash.cloud.backend_api import RetryableError
+from mash.cloud.errors import RetryableError
 from mash.config import ConfigError, Settings
-from mash.tasks import jobs
-from mash.tasks.runtime import Runtime
+
+# The jobs and the runtime (and with them requests, paho, firebase) load on first use, so a
+# process that only enqueues (the reader, `mash sync`) stays small.
 
 log = logging.getLogger("mash.worker")
 
@@ -39,20 +40,21 @@ huey = SqliteHuey("mash", filename=str(settings.queue_path), results=False, utc=
 _locks = {name: huey.lock_task(name) for name in
           ("sync_readings", "backup_firebase", "deliver_acks", "deliver_alerts")}
 
-_runtime: Runtime | None = None
+_runtime = None
 _runtime_lock = threading.Lock()
 
 
-def runtime() -> Runtime:
+def runtime():
     """This process's runtime, created on first use from the environment's settings."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
+            from mash.tasks.runtime import Runtime
             _runtime = Runtime(settings)
         return _runtime
 
 
-def set_runtime(rt: Runtime | None) -> None:
+def set_runtime(rt) -> None:
     """Use ``rt`` for the tasks in this process (the sync manager and the tests do)."""
     global _runtime
     with _runtime_lock:
@@ -80,7 +82,9 @@ def _stop_runtime() -> None:
         rt.stop()
 
 
-def _run(job):
+def _run(name: str):
+    from mash.tasks import jobs
+    job = getattr(jobs, name)
     try:
         return job(runtime())
     except RetryableError as exc:
@@ -94,16 +98,16 @@ def _run(job):
 def sync_readings():
     """Drain the backlog to the backend. Never two at once."""
     with _locks["sync_readings"]:
-        return _run(jobs.sync_readings)
+        return _run("sync_readings")
 
 
 @huey.task(retries=4, retry_delay=5, retry_backoff=2, name="backup_firebase")
 def backup_firebase():
     with _locks["backup_firebase"]:
-        return _run(jobs.backup_firebase)
+        return _run("backup_firebase")
 
 
-def _deliver(name, job):
+def _deliver(name):
     """Deliveries are sweeps: if one is running, it will also pick up what this run was
     asked for (it repeats until a pass finds nothing new), so skip instead of waiting."""
     lock = _locks[name]
@@ -112,7 +116,7 @@ def _deliver(name, job):
     with lock:
         total = 0
         for _ in range(20):
-            done = _run(job)
+            done = _run(name)
             total += done
             if not done:
                 break
@@ -121,22 +125,22 @@ def _deliver(name, job):
 
 @huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_acks")
 def deliver_acks():
-    return _deliver("deliver_acks", jobs.deliver_acks)
+    return _deliver("deliver_acks")
 
 
 @huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_alerts")
 def deliver_alerts():
-    return _deliver("deliver_alerts", jobs.deliver_alerts)
+    return _deliver("deliver_alerts")
 
 
 @huey.task(name="poll_commands")
 def poll_commands():
-    return _run(jobs.poll_commands)
+    return _run("poll_commands")
 
 
 @huey.task(name="heartbeat")
 def heartbeat():
-    return _run(jobs.heartbeat)
+    return _run("heartbeat")
 
 
 @huey.task(name="force_sync")
@@ -150,7 +154,7 @@ def force_sync():
     deliver_alerts()
 
 
-def enqueue_sync(rt: Runtime) -> None:
+def enqueue_sync(rt) -> None:
     """The scheduler's periodic sync: enqueue only when there is something to send."""
     if rt.backend is not None and rt.store.pending_count() and not _locks["sync_readings"].is_locked():
         sync_readings()

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-from mash.cloud.backend_api import PermanentError, RetryableError
+from mash.cloud.errors import PermanentError, RetryableError
 from mash.cloud.firebase import FirebaseError
 from mash.models import iso
 

@@ -169,7 +169,7 @@ class Runtime:
         """Run a task's body here, not through the queue (no queue write), under the same
         lock as a queued run; its own next run is the retry."""
         from huey.exceptions import RetryTask, TaskLockedException
-        from mash.cloud.backend_api import BackendError
+        from mash.cloud.errors import BackendError
         try:
             task.call_local()
         except TaskLockedException:

@@ -1,0 +1,390 @@
+"""Benchmarks: print figures, assert nothing. ``python bench/run.py [--quick] [names...]``
+
+Every server runs on 127.0.0.1 on a free port and is stopped here. Figures are medians or
+percentiles over repeated samples; this machine is shared and noisy, so compare ratios.
+Results and the command that produced them go in docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MASH_ENV_FILE", os.devnull)
+os.environ.setdefault("MASH_DATA_DIR", tempfile.mkdtemp(prefix="mash-bench-"))
+
+from tests.services import Broker, DevServer, RTDBStandIn, make_service_account, wait_for  # noqa: E402
+
+RESULTS: list[tuple[str, str, str, str]] = []   # (figure, measured, target, verdict)
+
+
+def record(name: str, value: float, unit: str, target: str | None = None, ok: bool | None = None):
+    shown = f"{value:,.1f} {unit}" if isinstance(value, float) else f"{value:,} {unit}"
+    verdict = "" if ok is None else ("met" if ok else "MISSED")
+    RESULTS.append((name, shown, target or "", verdict))
+    print(f"  {name}: {shown}" + (f"  (target {target}: {verdict})" if target else ""), flush=True)
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def add_backlog(store, lines: int) -> None:
+    from mash.models import SensorData, db
+    start = dt.datetime.utcnow() - dt.timedelta(days=30)
+    rows = []
+    for i in range(lines):
+        ts = start + dt.timedelta(seconds=5 * i)
+        key = ts.strftime("%Y-%m-%dT%H-%M-%S")
+        rows.append(dict(room="fruiting", temperature=24.0, humidity=85.0, co2=800, timestamp=ts, fb_key=key))
+        rows.append(dict(room="spawning", temperature=28.0, humidity=70.0, co2=900, timestamp=ts, fb_key=key))
+        if len(rows) >= 20000:
+            with db.atomic():
+                for k in range(0, len(rows), 400):
+                    SensorData.insert_many(rows[k:k + 400]).execute()
+            rows = []
+    with db.atomic():
+        for k in range(0, len(rows), 400):
+            SensorData.insert_many(rows[k:k + 400]).execute()
+
+
+class Scratch:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="mash-bench-"))
+        self.stoppers = []
+
+    def devserver(self, **kw) -> DevServer:
+        s = DevServer(self.dir / f"dev{len(self.stoppers)}", **kw).start()
+        self.stoppers.append(s.stop)
+        return s
+
+    def broker(self) -> Broker:
+        b = Broker(self.dir / f"broker{len(self.stoppers)}").start()
+        self.stoppers.append(b.stop)
+        return b
+
+    def close(self):
+        for stop in reversed(self.stoppers):
+            try:
+                stop()
+            except Exception:
+                pass
+
+
+def spawn(script: str, env: dict, log: Path, scratch: "Scratch") -> subprocess.Popen:
+    out = open(log, "ab")
+    args = [sys.executable, str(ROOT / script)] if script.endswith(".py") else \
+        [sys.executable, "-m", script]
+    proc = subprocess.Popen(args, env=env, cwd=str(log.parent), stdout=out, stderr=out)
+    scratch.stoppers.append(lambda: stop(proc))     # never leave a process behind
+    return proc
+
+
+def stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# -- benchmarks ---------------------------------------------------------------------------------
+def bench_reader_flood(quick: bool):
+    """Readings stored per second from a flooding pty; reader RSS after."""
+    from mash.models import DatabaseManager, SensorData
+    from mash.simulator import SimulatedBoard
+    s = Scratch()
+    n = 2000 if quick else 10000
+    try:
+        board = SimulatedBoard(interval=0, link=s.dir / "tty").start(banner=False)
+        env = dict(os.environ, SERIAL_PORT=board.port, MASH_DATA_DIR=str(s.dir / "data"))
+        reader = spawn("reader.py", env, s.dir / "reader.log", s)
+        DatabaseManager(s.dir / "data" / "mash.db")
+        wait_for(lambda: board.boots >= 1, timeout=20)          # the reader opened the port
+        board.emit_reading()
+        wait_for(lambda: SensorData.select().count() >= 2, timeout=20)
+        time.sleep(0.5)
+        base = SensorData.select().count()
+        t0 = time.monotonic()
+        for _ in range(n):
+            board.emit_reading()
+        wait_for(lambda: SensorData.select().count() >= base + 2 * n, timeout=600, interval=0.02)
+        took = time.monotonic() - t0
+        record("reader: lines stored/s from a flooding pty", n / took, "lines/s")
+        record("reader: readings (rows) stored/s", 2 * n / took, "rows/s")
+        record("reader RSS after the flood", rss_mb(reader.pid), "MB", "<= 30 MB", rss_mb(reader.pid) <= 30)
+        stop(reader)
+        board.stop()
+    finally:
+        s.close()
+
+
+def _runtime(store_path, server, batch_size=50):
+    from mash.config import Settings
+    from mash.models import DatabaseManager
+    from mash.tasks.runtime import Runtime
+    settings = Settings.from_mapping({**server.env(), "MASH_DATA_DIR": str(store_path.parent),
+                                      "BATCH_SIZE": str(batch_size)})
+    store = DatabaseManager(store_path)
+    return Runtime(settings, store=store, mqtt=None, firebase=None)
+
+
+def bench_upload(quick: bool):
+    """Upload throughput to the reference backend: batches of 500 on loopback."""
+    from mash.cloud.backend_api import BackendAPIClient
+    from mash.config import Settings
+    s = Scratch()
+    try:
+        server = s.devserver()
+        client = BackendAPIClient(Settings.from_mapping({**server.env(), "MASH_DATA_DIR": str(s.dir)}))
+        client.register_device()
+        rates = []
+        for b in range(10 if quick else 40):
+            batch = [{"id": f"u{b}-{i}", "room": "fruiting", "temperature": 24.0, "humidity": 85.0,
+                      "co2": 800, "timestamp": "2026-01-28T10:00:00.000Z"} for i in range(500)]
+            t0 = time.perf_counter()
+            client.upload_readings(batch, f"k{b}")
+            rates.append(500 / (time.perf_counter() - t0))
+        record("backend upload, batch of 500 (median)", statistics.median(rates), "readings/s")
+    finally:
+        s.close()
+
+
+def bench_drain(quick: bool, lines: int, latency: float = 0.0, label: str = "", target=None):
+    from mash.models import SensorData
+    from mash.tasks import jobs
+    s = Scratch()
+    try:
+        server = s.devserver(rate_limit=600, rate_window=60)   # a per-client limit, as in production
+        rt = _runtime(s.dir / "data" / "mash.db", server, batch_size=50)
+        add_backlog(rt.store, lines // 2)
+        jobs.ensure_registered(rt)
+        if latency:
+            server.faults(latency=latency)
+        t0 = time.monotonic()
+        sent = 0
+        while rt.store.pending_count():
+            try:
+                sent += jobs.sync_readings(rt)
+            except Exception as exc:          # a 429: wait as asked, as Huey's RetryTask would
+                wait = getattr(exc, "retry_after", None) or 1.0
+                time.sleep(wait)
+        took = time.monotonic() - t0
+        rate = lines / took
+        record(f"backlog drain, {lines:,} readings{label}", rate, "readings/s",
+               target and f">= {target:,} readings/s", target and rate >= target)
+        assert SensorData.select().where(SensorData.synced == 1).count() == lines
+    finally:
+        s.close()
+
+
+def bench_mqtt_roundtrip(quick: bool):
+    """QoS 1 publish -> PUBACK, and publish -> a subscriber, on loopback with TLS."""
+    from mash.cloud.mqtt_client import MQTTClient
+    from mash.config import Settings
+    s = Scratch()
+    try:
+        broker = s.broker()
+        obs = broker.observer()
+        client = MQTTClient(Settings.from_mapping({**broker.env(), "MASH_DATA_DIR": str(s.dir)}))
+        assert client.connect()
+        acks, seen = [], []
+        n = 100 if quick else 500
+        for i in range(n):
+            done = threading.Event()
+            t0 = time.perf_counter()
+            client.publish("bench", {"i": i}, on_confirm=done.set)
+            done.wait(5)
+            acks.append(time.perf_counter() - t0)
+            wait_for(lambda: len(obs.on("/bench")) > i, timeout=5, interval=0.0005)
+            seen.append(time.perf_counter() - t0)
+        record("MQTT QoS 1 publish -> PUBACK, p50", pct(acks, 50) * 1000, "ms")
+        record("MQTT QoS 1 publish -> PUBACK, p95", pct(acks, 95) * 1000, "ms")
+        record("MQTT publish -> subscriber, p50", pct(seen, 50) * 1000, "ms")
+        client.disconnect()
+        obs.close()
+    finally:
+        s.close()
+
+
+def _gateway(s: Scratch, interval: float, extra_env=None):
+    """Board + reader.py + worker.py + devserver + broker + RTDB stand-in, all real."""
+    from mash.simulator import SimulatedBoard
+    server, broker = s.devserver(), s.broker()
+    rtdb = RTDBStandIn().start()
+    s.stoppers.append(rtdb.stop)
+    cred = make_service_account(s.dir / "fb.json")
+    board = SimulatedBoard(interval=interval, link=s.dir / "tty").start(banner=False)
+    s.stoppers.append(board.stop)
+    env = dict(os.environ, **server.env(), **broker.env(), SERIAL_PORT=board.port,
+               MASH_DATA_DIR=str(s.dir / "data"), FIREBASE_DATABASE_URL="https://mash-bench.firebaseio.com",
+               FIREBASE_CREDENTIALS=str(cred), FIREBASE_DATABASE_EMULATOR_HOST=rtdb.host,
+               PYTHONPATH=str(ROOT), **(extra_env or {}))
+    reader = spawn("reader.py", env, s.dir / "reader.log", s)
+    worker = spawn("worker.py", env, s.dir / "worker.log", s)
+    return board, server, broker, rtdb, reader, worker, env
+
+
+def bench_live_latency(quick: bool):
+    """Serial line -> MQTT subscriber, idle and while a backlog drains."""
+    from mash.models import DatabaseManager
+    s = Scratch()
+    try:
+        board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=0)
+        obs = broker.observer()
+        store = DatabaseManager(s.dir / "data" / "mash.db")
+        wait_for(lambda: board.boots >= 1, timeout=20)
+        time.sleep(3)
+
+        def sample(n, gap):
+            lat = []
+            for i in range(n):
+                co2 = 400 + (int(time.time() * 1000) + i) % 4500
+                mark = len(obs.on("/sensor_data"))
+                t0 = time.monotonic()
+                board.emit_reading({"fruiting": {"temp": 24.0, "humidity": 85.0, "co2": co2},
+                                    "spawning": {"temp": 28.0, "humidity": 70.0, "co2": 900}})
+                try:
+                    wait_for(lambda: any(m["fruiting"]["co2"] == co2 for m in obs.on("/sensor_data")[mark:]),
+                             timeout=5, interval=0.002)
+                    lat.append(time.monotonic() - t0)
+                except AssertionError:
+                    lat.append(5.0)
+                time.sleep(gap)
+            return lat
+
+        n = 40 if quick else 200
+        idle = sample(n, 0.2)
+        record("serial line -> MQTT subscriber, idle, p50", pct(idle, 50) * 1000, "ms")
+        record("serial line -> MQTT subscriber, idle, p95", pct(idle, 95) * 1000, "ms", "<= 250 ms",
+               pct(idle, 95) <= 0.25)
+        add_backlog(store, 50000 if not quick else 10000)
+        server.faults(latency=0.2)
+        subprocess.run([sys.executable, "-m", "mash", "sync"], env=env, capture_output=True, timeout=60)
+        time.sleep(1)
+        busy = sample(n, 0.2)
+        record("serial line -> MQTT subscriber, during a drain, p50", pct(busy, 50) * 1000, "ms")
+        record("serial line -> MQTT subscriber, during a drain, p95", pct(busy, 95) * 1000, "ms",
+               "<= 250 ms", pct(busy, 95) <= 0.25)
+        obs.close()
+        stop(reader, worker)
+    finally:
+        s.close()
+
+
+def bench_resources(quick: bool):
+    """At the real board's rate (a line per 5 s): CPU, bytes written per line, RSS after an
+    hour-equivalent of lines."""
+    from mash.models import DatabaseManager, SensorData
+    s = Scratch()
+    window = 60 if quick else 300
+    try:
+        board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
+        store = DatabaseManager(s.dir / "data" / "mash.db")
+        wait_for(lambda: SensorData.select().count() >= 2, timeout=30)
+        time.sleep(10)                                  # let start-up work settle
+        procs = {"reader": reader.pid, "worker": worker.pid}
+        cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
+        io0 = {k: write_bytes(p) for k, p in procs.items()}
+        rows0, t0 = SensorData.select().count(), time.monotonic()
+        time.sleep(window)
+        took = time.monotonic() - t0
+        lines = (SensorData.select().count() - rows0) / 2
+        cpu = {k: (cpu_seconds(p) - cpu0[k]) / took * 100 for k, p in procs.items()}
+        io = {k: write_bytes(p) - io0[k] for k, p in procs.items()}
+        record(f"CPU at a line per 5 s, reader ({window} s)", cpu["reader"], "% of a core")
+        record(f"CPU at a line per 5 s, worker ({window} s)", cpu["worker"], "% of a core")
+        total = cpu["reader"] + cpu["worker"]
+        record("CPU at a line per 5 s, reader + worker", total, "% of a core", "<= 1 %", total <= 1.0)
+        per_line = sum(io.values()) / max(lines, 1)
+        record(f"disk bytes written per line (reader {io['reader'] / max(lines, 1) / 1024:.1f} KB, "
+               f"worker {io['worker'] / max(lines, 1) / 1024:.1f} KB)", per_line / 1024, "KB/line",
+               "<= 8 KB", per_line <= 8192)
+        # an hour-equivalent: 720 lines, as fast as the pipeline takes them
+        board.interval = 0
+        base = SensorData.select().count()
+        for _ in range(720):
+            board.emit_reading()
+            time.sleep(0.005)
+        wait_for(lambda: SensorData.select().count() >= base + 1440, timeout=120)
+        subprocess.run([sys.executable, "-m", "mash", "sync", "--wait", "--timeout", "120"], env=env,
+                       capture_output=True, timeout=180)
+        time.sleep(3)
+        record("reader RSS after an hour-equivalent", rss_mb(reader.pid), "MB", "<= 30 MB",
+               rss_mb(reader.pid) <= 30)
+        record("worker RSS after an hour-equivalent", rss_mb(worker.pid), "MB", "<= 60 MB",
+               rss_mb(worker.pid) <= 60)
+        stop(reader, worker)
+    finally:
+        s.close()
+
+
+BENCHES = {
+    "reader": bench_reader_flood,
+    "upload": bench_upload,
+    "mqtt": bench_mqtt_roundtrip,
+    "drain100k": lambda q: bench_drain(q, 20000 if q else 100000),
+    "drain250k": lambda q: bench_drain(q, 50000 if q else 250000, target=10000),
+    "drain_latency": lambda q: bench_drain(q, 10000 if q else 50000, latency=0.2,
+                                           label=", 200 ms per response, BATCH_SIZE=50", target=1000),
+    "live": bench_live_latency,
+    "resources": bench_resources,
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("names", nargs="*", help=f"some of: {', '.join(BENCHES)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
+    p.add_argument("--json", help="also write the table here")
+    args = p.parse_args()
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    for name in args.names or list(BENCHES):
+        print(f"[{name}]", flush=True)
+        BENCHES[name](args.quick)
+    width = max(len(r[0]) for r in RESULTS)
+    print("\n| figure | measured | target | |\n| --- | --- | --- | --- |")
+    for name, value, target, verdict in RESULTS:
+        print(f"| {name} | {value} | {target} | {verdict} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
