@@ -108,6 +108,7 @@ class Settings:
     data_dir: Path = Path("data")
     thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
     stale_after: int = 120
+    max_db_mb: int = 1024
     log_level: str = "INFO"
 
     # -- derived -------------------------------------------------------------------------
@@ -260,5 +261,6 @@ class Settings:
             data_dir=Path(text("MASH_DATA_DIR", "data")),
             thresholds=thresholds,
             stale_after=integer("STALE_AFTER", 120, 10, 86400),
+            max_db_mb=integer("MAX_DB_MB", 1024, 1, 1_000_000),
             log_level=level,
         )

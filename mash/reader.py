@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import serial
+from peewee import DatabaseError
 from serial.tools import list_ports
 
 from mash import protocol
@@ -68,6 +69,8 @@ class Reader:
     RECONNECT_MAX = 2.0
     LEDGER_POLL = 0.1
     SUMMARY_EVERY = 60.0
+    BUDGET_EVERY = 60.0
+    UNSTORED_MAX = 50_000
 
     def __init__(self, settings: Settings, store: DatabaseManager | None = None, notify=None):
         self.settings = settings
@@ -85,6 +88,13 @@ class Reader:
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
+        self.unstored: deque = deque(maxlen=self.UNSTORED_MAX)
+        self.store_error: str | None = None
+        self._storage_over = (self.store.meta_get("storage") or {}).get("over")
+        self._last_budget = 0.0
+        self._last_housekeeping = 0.0
+        self._last_summary = time.monotonic()
+        self._summary_base = (0, 0)
         self._sim = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -108,8 +118,6 @@ class Reader:
     def run(self) -> None:
         """Open the board, read until it goes away, reopen: forever, until stopped."""
         delay, last_problem = 0.25, None
-        self._last_summary = time.monotonic()
-        self._summary_base = (0, 0)
         try:
             while not self.stop_event.is_set():
                 port = self._port()
@@ -182,10 +190,13 @@ class Reader:
                         discarding = True
                 if now - self.last_line > self.SILENCE:
                     return f"no line for {self.SILENCE:.0f} s"
-                self._drive_commands(link, now)
+                try:
+                    self._drive_commands(link, now)
+                    self.housekeeping()
+                except DatabaseError as exc:     # disk full, locked: the serial side goes on
+                    log.debug("store busy or full: %s", exc)
                 if now - self.last_write >= self.KEEPALIVE_EVERY:
                     self._write(link, protocol.KEEPALIVE)
-                self.housekeeping()
         except (serial.SerialException, OSError) as exc:
             return str(exc) or exc.__class__.__name__
         return None
@@ -225,18 +236,49 @@ class Reader:
         events = []
         for r in msg.rooms:
             events += self.engine.check_reading(r.room, r.temp, r.humidity, r.co2)
-        from mash.models import db
-        with db.atomic():
-            self.store.save_sensor_data(data)
-            if events:
-                self.store.add_alerts(events)
-        if self.stored_rows == 0:
+        self.unstored.append((data, utcnow(), events))
+        self._flush_unstored()
+        if self.stored_rows == 0 and not self.unstored:
             log.info("readings flowing: first reading stored (%s)",
                      ", ".join(f"{r.room} {r.temp:g} C {r.humidity:g} % {r.co2} ppm" for r in msg.rooms))
         self.stored_rows += len(msg.rooms)
-        if events:
+
+    def _flush_unstored(self) -> None:
+        """Write held readings, oldest first, each line with its alerts in one transaction.
+
+        A write that fails (disk full, database locked too long) keeps the line in memory,
+        with its arrival time, and is tried again every few seconds; nothing is dropped
+        until the buffer's bound (UNSTORED_MAX lines, days at the board's rate)."""
+        from mash.models import db
+        from peewee import DatabaseError
+        raised = False
+        while self.unstored:
+            data, ts, events = self.unstored[0]
+            cause = None
+            try:
+                with db.atomic():
+                    try:
+                        self.store.save_sensor_data(data, timestamp=ts)
+                        if events:
+                            self.store.add_alerts(events)
+                    except DatabaseError as exc:
+                        cause = exc     # on SQLITE_FULL SQLite rolls back itself, and peewee's
+                        raise           # own rollback then fails with a less useful message
+            except DatabaseError as exc:
+                exc = cause or exc
+                if self.store_error is None:
+                    log.error("cannot write to the store (%s): holding readings in memory and "
+                              "retrying", exc)
+                self.store_error = str(exc)
+                return
+            self.unstored.popleft()
             for e in events:
                 log.info("alert %s: %s (%s)", e.state, e.message, e.severity)
+            raised = raised or bool(events)
+        if self.store_error is not None:
+            log.info("store writable again: held readings written")
+            self.store_error = None
+        if raised:
             self.notify("alerts")
 
     # -- commands -----------------------------------------------------------------------
@@ -326,9 +368,14 @@ class Reader:
     # -- periodic -----------------------------------------------------------------------
     def housekeeping(self) -> None:
         now = time.monotonic()
-        if now - getattr(self, "_last_housekeeping", 0) < 5.0:
+        if now - self._last_housekeeping < 5.0:
             return
         self._last_housekeeping = now
+        if self.unstored:
+            self._flush_unstored()
+        if now - self._last_budget >= self.BUDGET_EVERY:
+            self._last_budget = now
+            self._check_budget()
         events = self.engine.check_stale()
         if events:
             self.store.add_alerts(events)
@@ -345,6 +392,30 @@ class Reader:
                      self.store.pending_count())
             self._summary_base = (self.stored_rows, bad)
             self._last_summary = now
+
+    def _check_budget(self) -> None:
+        """MAX_DB_MB: retention first; if what is left is all unsynced, say so loudly."""
+        state = self.store.enforce_budget(self.settings.max_db_mb * 2**20,
+                                          firebase_on=self.settings.firebase_enabled)
+        if state["deleted"]:
+            log.info("retention: deleted %d synced readings (store %.1f MB of %.0f MB)",
+                     state["deleted"], state["used_mb"], state["max_mb"])
+        if state["over"] == self._storage_over:
+            return
+        from mash.alerts import AlertEvent
+        if state["over"]:
+            message = (f"store {state['used_mb']:.0f} MB is over MAX_DB_MB={state['max_mb']:.0f} "
+                       "with data not yet synced: nothing unsynced is deleted, recording goes on")
+            log.error("%s", message)
+            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+                                              state["max_mb"], "raised", message)])
+            self.notify("alerts")
+        elif self._storage_over:
+            log.info("store back under MAX_DB_MB (%.1f MB)", state["used_mb"])
+            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+                                              state["max_mb"], "cleared", "store back under its budget")])
+            self.notify("alerts")
+        self._storage_over = state["over"]
 
     def bad_counts_total(self) -> dict:
         self._flush_counts()

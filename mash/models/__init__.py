@@ -237,11 +237,12 @@ class DatabaseManager:
             rows.append(dict(room=room, temperature=float(values["temp"]),
                              humidity=float(values["humidity"]), co2=int(values["co2"]),
                              timestamp=ts, fb_key=self._fb_key(room, ts)))
-        ids = []
-        with db.atomic():
-            for row in rows:
-                ids.append(SensorData.insert(**row).execute())
-        return ids
+        if not rows:
+            return []
+        # One statement: atomic by itself (no nested savepoint inside a caller's transaction),
+        # and SQLite numbers the rows of one INSERT consecutively.
+        last = SensorData.insert_many(rows).execute()
+        return list(range(last - len(rows) + 1, last + 1))
 
     def unsynced(self, limit: int, after_id: int = 0) -> list[SensorData]:
         return list(SensorData.select().where((SensorData.synced == PENDING) &
@@ -297,11 +298,11 @@ class DatabaseManager:
     # -- alerts -------------------------------------------------------------------------
     def add_alerts(self, events) -> None:
         now = utcnow()
-        with db.atomic():
-            for e in events:
-                Alert.create(event_type=e.event_type, severity=e.severity, room=e.room,
-                             value=e.value, threshold=e.threshold, message=e.message,
-                             state=e.state, created_at=now)
+        rows = [dict(event_type=e.event_type, severity=e.severity, room=e.room, value=e.value,
+                     threshold=e.threshold, message=e.message, state=e.state, created_at=now)
+                for e in events]
+        if rows:
+            Alert.insert_many(rows).execute()       # one statement, atomic by itself
 
     def active_alert_keys(self) -> set[tuple[str, str]]:
         """(room, event_type) whose latest alert is ``raised``: conditions still on."""
@@ -413,6 +414,43 @@ class DatabaseManager:
         return SinkState.get_or_none(SinkState.name == name) or SinkState(name=name, online=0,
                                                                           progress=0)
 
+    # -- disk budget --------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        """Bytes of the file in use (pages minus the free list; WAL excluded)."""
+        page_size = db.execute_sql("PRAGMA page_size").fetchone()[0]
+        pages = db.execute_sql("PRAGMA page_count").fetchone()[0]
+        free = db.execute_sql("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * page_size
+
+    def enforce_budget(self, max_bytes: int, firebase_on: bool = False, chunk: int = 2000) -> dict:
+        """Keep the store under ``max_bytes`` by deleting the oldest readings that every
+        sink already has (synced to the backend, and backed up to Firebase when it is on).
+        Unsynced readings, alerts and commands are never deleted here: if they alone exceed
+        the budget the result says ``over`` and the caller raises the alarm. Freed pages are
+        reused by new rows, so the file stops growing rather than shrinking."""
+        used = self.used_bytes()
+        deleted = 0
+        newest = self.last_reading_id()       # never deleted: row ids must never be reused
+        limit_id = self.sink("firebase").progress if firebase_on else newest
+        while used > max_bytes:
+            ids = [r.id for r in SensorData.select(SensorData.id)
+                   .where((SensorData.synced == SYNCED) & (SensorData.id < newest) &
+                          (SensorData.id <= limit_id))
+                   .order_by(SensorData.id).limit(chunk)]
+            if not ids:
+                break
+            with db.atomic():
+                SensorData.delete().where(SensorData.id.in_(ids)).execute()
+            deleted += len(ids)
+            used = self.used_bytes()
+        if deleted:
+            self.incr("retention_deleted", deleted)
+        state = {"used_mb": round(used / 2**20, 1), "max_mb": round(max_bytes / 2**20, 1),
+                 "over": used > max_bytes, "deleted": deleted}
+        if self.meta_get("storage", {}).get("over") != state["over"] or deleted:
+            self.meta_set("storage", {k: v for k, v in state.items() if k != "deleted"})
+        return state
+
     # -- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict:
         """The guide's stats, derived from the store so every process reports the same."""
@@ -444,6 +482,9 @@ class DatabaseManager:
                 Command.status.in_(["completed", "failed"]) &
                 (Command.backend_acked_at.is_null() | Command.mqtt_acked_at.is_null())).count(),
             "bad_lines": sum(v for k, v in counters.items() if k.startswith("bad_line.")),
+            "storage_used_mb": (self.meta_get("storage") or {}).get("used_mb"),
+            "storage_over_budget": bool((self.meta_get("storage") or {}).get("over")),
+            "readings_deleted_by_retention": counters.get("retention_deleted", 0),
             "schema_version": SCHEMA_VERSION,
         }
 
