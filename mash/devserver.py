@@ -193,6 +193,7 @@ class Backend:
         self.lock = threading.RLock()
         self.hits: dict = defaultdict(deque)
         self.requests = 0
+        self.history: deque = deque(maxlen=20000)   # (t, client, status, retry_after, path, arrived)
         for email, password in users:
             if not User.select().where(User.email == email).exists():
                 User.create(email=email, password_hash=hash_password(password))
@@ -233,7 +234,7 @@ class Backend:
         return user
 
     # -- rate limiting ----------------------------------------------------------------------
-    def check_rate(self, client: str, path: str) -> None:
+    def check_rate(self, client: str, path: str, arrived: float | None = None) -> None:
         if not self.rate_limit:
             return
         now = time.monotonic()
@@ -242,9 +243,13 @@ class Backend:
             window.popleft()
         if len(window) >= self.rate_limit:
             retry = max(1, math.ceil(window[0] + self.rate_window - now))
+            # a 429 is dated when it is answered; (arrival, answer) lets tests drop the 429s
+            # that went to a request its client had already given up on (timed out)
+            self.history.append((now, client, 429, retry, path, arrived or now))
             raise HTTPError(429, "ThrottlerException: Too Many Requests",
                             headers={"Retry-After": str(retry)})
         window.append(now)
+        self.history.append((arrived or now, client, 0, None, path, arrived or now))
 
     # -- endpoints --------------------------------------------------------------------------
     def login(self, body) -> tuple[int, dict]:
@@ -441,6 +446,7 @@ class Backend:
             "alerts": [{"eventType": a.event_type, "severity": a.severity, "message": a.message,
                         "data": json.loads(a.data)} for a in DevAlert.select()],
             "requests": self.requests,
+            "history": list(self.history),
             "faults": self.faults.as_dict(),
         }
 
@@ -515,6 +521,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         b = self.backend
+        arrived = time.monotonic()
         path = urlsplit(self.path).path
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
@@ -558,7 +565,7 @@ class Handler(BaseHTTPRequestHandler):
                         user = b.authenticate(self.headers.get("Authorization"))
                         client = f"user:{user.id}"
                     with b.lock:
-                        b.check_rate(client, f"{method} {sub}")
+                        b.check_rate(client, f"{method} {sub}", arrived)
                     args = match.groupdict()
                     with b.lock:
                         if name == "ingest":

@@ -449,6 +449,8 @@ def main(settings: Settings | None = None) -> int:
     from mash.logs import setup_logging
     settings = settings or Settings.load()
     setup_logging(settings.log_level)
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: every thread's stack
     reader = Reader(settings)
     reader.install_signal_handlers()
     reader.run()

@@ -23,6 +23,9 @@ def main() -> int:
     from mash.logs import setup_logging
     settings = Settings.load()
     setup_logging(settings.log_level)
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: every thread's stack
     from mash.tasks import huey
     consumer = huey.create_consumer(**CONSUMER_OPTIONS)
     consumer.run()

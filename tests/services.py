@@ -395,3 +395,66 @@ class RTDBStandIn:
     def writes(self) -> list:
         with self.lock:
             return [r for r in self.requests if r[0] != "GET"]
+
+
+# -- the whole gateway, as real processes ------------------------------------------------------
+class Gateway:
+    """Simulated board + reader.py + worker.py against a devserver, a broker and the RTDB
+    stand-in; each part can be killed and restarted by the fault tests."""
+
+    def __init__(self, directory: Path, devserver: DevServer, broker: Broker, rtdb: RTDBStandIn,
+                 interval: float = 0.1, **env):
+        from mash.simulator import SimulatedBoard
+        self.dir, self.devserver, self.broker, self.rtdb = directory, devserver, broker, rtdb
+        directory.mkdir(parents=True, exist_ok=True)
+        self.data = directory / "data"
+        self.board = SimulatedBoard(interval=interval, link=directory / "ttyMASH", seed=11).start(banner=False)
+        self.env = {**os.environ, **devserver.env(), **broker.env(), "MASH_DATA_DIR": str(self.data),
+                    "SERIAL_PORT": self.board.port,
+                    "FIREBASE_DATABASE_URL": "https://mash-test.firebaseio.com",
+                    "FIREBASE_CREDENTIALS": str(rtdb.credentials),
+                    "FIREBASE_DATABASE_EMULATOR_HOST": rtdb.host, "PYTHONPATH": str(ROOT),
+                    "SYNC_INTERVAL": "2", "COMMAND_POLL_INTERVAL": "1", "HEARTBEAT_INTERVAL": "2",
+                    "BACKEND_TIMEOUT": "2", **env}
+        self.log = open(directory / "gateway.log", "ab")
+        self.reader = self.worker = None
+
+    def start_reader(self):
+        self.reader = subprocess.Popen([sys.executable, str(ROOT / "reader.py")], env=self.env,
+                                       cwd=str(self.dir), stdout=self.log, stderr=self.log)
+
+    def start_worker(self):
+        self.worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=self.env,
+                                       cwd=str(self.dir), stdout=self.log, stderr=self.log)
+
+    def start(self) -> "Gateway":
+        self.start_reader()
+        self.start_worker()
+        return self
+
+    @staticmethod
+    def kill(proc):
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def mash(self, *args, timeout=120):
+        return subprocess.run([sys.executable, "-m", "mash", *args], env=self.env, cwd=str(self.dir),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self):
+        for p in (self.reader, self.worker):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (self.reader, self.worker):
+            if p is not None:
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.board.stop()
+
+    def logs(self) -> str:
+        self.log.flush()
+        return (self.dir / "gateway.log").read_text(errors="replace")

@@ -156,12 +156,14 @@ class BackendAPIClient:
     # -- transport -----------------------------------------------------------------------
     def _send(self, method: str, path: str, body=None, auth: bool = True, headers=None,
               _retried: bool = False):
-        wait = self.blocked_for
-        if wait > 0:
-            raise RetryableError(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
         hdrs = dict(headers or {})
         if auth:
             hdrs["Authorization"] = f"Bearer {self._ensure_token()}"
+        # Checked last, right before sending: getting a token may have waited on another
+        # thread's refresh, during which a 429 may have arrived.
+        wait = self.blocked_for
+        if wait > 0:
+            raise RetryableError(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
         try:
             resp = self.session.request(method, self.base + path, json=body, headers=hdrs,
                                         timeout=self.timeout)

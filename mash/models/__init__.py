@@ -13,9 +13,11 @@ that is one fsync per 5 s, which the SD card does not notice.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import secrets
+import threading
 from pathlib import Path
 
 from peewee import (AutoField, CharField, DateTimeField, FloatField, IntegerField,
@@ -31,6 +33,20 @@ log = logging.getLogger(__name__)
 db = SqliteDatabase(None, lock_type="IMMEDIATE")
 
 PENDING, SYNCED, REJECTED = 0, 1, -1
+
+# One writer at a time within a process. SQLite serialises writers anyway, but a thread that
+# finds the database locked sleeps in SQLite's busy handler (1, 2, 5 ... 100 ms steps); a
+# Python lock wakes the next writer as soon as the last one commits.
+_write_lock = threading.RLock()
+
+
+def writes(method):
+    """Mark a DatabaseManager method that writes: it runs under the process's write lock."""
+    @functools.wraps(method)
+    def locked(*args, **kwargs):
+        with _write_lock:
+            return method(*args, **kwargs)
+    return locked
 
 
 def utcnow() -> dt.datetime:
@@ -221,6 +237,7 @@ class DatabaseManager:
         self._last_fb_key[room] = key
         return key
 
+    @writes
     def save_sensor_data(self, data: dict, timestamp: dt.datetime | float | None = None) -> list[int]:
         """Store one reading line (``{"fruiting": {...}, "spawning": {...}}``) atomically.
 
@@ -244,16 +261,19 @@ class DatabaseManager:
         last = SensorData.insert_many(rows).execute()
         return list(range(last - len(rows) + 1, last + 1))
 
-    def unsynced(self, limit: int, after_id: int = 0) -> list[SensorData]:
-        return list(SensorData.select().where((SensorData.synced == PENDING) &
-                                              (SensorData.id > after_id))
-                    .order_by(SensorData.id).limit(limit))
+    def unsynced(self, limit: int, after_id: int = 0, upto: int | None = None) -> list[SensorData]:
+        cond = (SensorData.synced == PENDING) & (SensorData.id > after_id)
+        if upto is not None:
+            cond &= SensorData.id <= upto
+        return list(SensorData.select().where(cond).order_by(SensorData.id).limit(limit))
 
+    @writes
     def mark_synced(self, ids: list[int]) -> int:
         with db.atomic():
             return (SensorData.update(synced=SYNCED, synced_at=utcnow())
                     .where(SensorData.id.in_(ids) & (SensorData.synced != SYNCED)).execute())
 
+    @writes
     def mark_rejected(self, ids: list[int], reason: str) -> None:
         with db.atomic():
             SensorData.update(synced=REJECTED).where(SensorData.id.in_(ids)).execute()
@@ -261,12 +281,15 @@ class DatabaseManager:
             self.meta_set("last_rejection", {"at": iso(utcnow()), "count": len(ids),
                                              "first_id": min(ids), "reason": reason[:500]})
 
+    @writes
     def retry_rejected(self) -> int:
         return SensorData.update(synced=PENDING).where(SensorData.synced == REJECTED).execute()
 
-    def readings_after(self, after_id: int, limit: int) -> list[SensorData]:
-        return list(SensorData.select().where(SensorData.id > after_id)
-                    .order_by(SensorData.id).limit(limit))
+    def readings_after(self, after_id: int, limit: int, upto: int | None = None) -> list[SensorData]:
+        cond = SensorData.id > after_id
+        if upto is not None:
+            cond &= SensorData.id <= upto
+        return list(SensorData.select().where(cond).order_by(SensorData.id).limit(limit))
 
     def last_reading_id(self) -> int:
         return SensorData.select(fn.MAX(SensorData.id)).scalar() or 0
@@ -275,6 +298,7 @@ class DatabaseManager:
         return SensorData.select().where(SensorData.synced == PENDING).count()
 
     # -- counters and meta --------------------------------------------------------------
+    @writes
     def incr(self, name: str, n: int = 1) -> None:
         if n:
             (Counter.insert(name=name, value=n)
@@ -288,6 +312,7 @@ class DatabaseManager:
         row = KeyValue.get_or_none(KeyValue.key == key)
         return json.loads(row.value) if row else default
 
+    @writes
     def meta_set(self, key: str, value) -> None:
         KeyValue.replace(key=key, value=json.dumps(value)).execute()
 
@@ -296,6 +321,7 @@ class DatabaseManager:
         return db.execute_sql("PRAGMA data_version").fetchone()[0]
 
     # -- alerts -------------------------------------------------------------------------
+    @writes
     def add_alerts(self, events) -> None:
         now = utcnow()
         rows = [dict(event_type=e.event_type, severity=e.severity, room=e.room, value=e.value,
@@ -316,6 +342,7 @@ class DatabaseManager:
         col = Alert.backend_done_at if sink == "backend" else Alert.mqtt_done_at
         return list(Alert.select().where(col.is_null()).order_by(Alert.id).limit(limit))
 
+    @writes
     def alert_delivered(self, alert_id: int, sink: str, error: str | None = None) -> None:
         col = "backend_done_at" if sink == "backend" else "mqtt_done_at"
         changes = {col: utcnow()}
@@ -324,6 +351,7 @@ class DatabaseManager:
         Alert.update(**changes).where(Alert.id == alert_id).execute()
 
     # -- command ledger -----------------------------------------------------------------
+    @writes
     def add_command(self, command_id: str, command: str, parameters: dict, source: str,
                     expires_at: dt.datetime | None = None, status: str = "queued",
                     reason: str | None = None) -> bool:
@@ -351,12 +379,14 @@ class DatabaseManager:
                        (Command.command == "set_actuator"))
                 .order_by(Command.seq).first())
 
+    @writes
     def start_command(self, command_id: str) -> int:
         with db.atomic():
             Command.update(status="running", attempts=Command.attempts + 1).where(
                 Command.command_id == command_id).execute()
             return Command.get(Command.command_id == command_id).attempts
 
+    @writes
     def finish_command(self, command_id: str, ok: bool, reason: str | None = None,
                        response: dict | None = None, desired: tuple[str, str] | None = None) -> bool:
         """Record a command's final status once; False if it was already final."""
@@ -374,6 +404,7 @@ class DatabaseManager:
         return list(Command.select().where(Command.status.in_(["completed", "failed"]) &
                                            col.is_null()).order_by(Command.seq).limit(limit))
 
+    @writes
     def command_acked(self, command_id: str, sink: str, error: str | None = None) -> None:
         changes = {"backend_acked_at" if sink == "backend" else "mqtt_acked_at": utcnow()}
         if sink == "backend":
@@ -384,10 +415,12 @@ class DatabaseManager:
     def desired_states(self) -> dict[str, str]:
         return {a.actuator: a.desired for a in ActuatorState.select().order_by(ActuatorState.actuator)}
 
+    @writes
     def set_desired(self, actuator: str, state: str) -> None:
         ActuatorState.replace(actuator=actuator, desired=state, updated_at=utcnow()).execute()
 
     # -- sinks --------------------------------------------------------------------------
+    @writes
     def sink_ok(self, name: str, **extra) -> bool:
         """Record a success; True when the sink was offline before (a state change)."""
         row = SinkState.get_or_none(SinkState.name == name)
@@ -400,6 +433,7 @@ class DatabaseManager:
          .execute())
         return not was_online
 
+    @writes
     def sink_failed(self, name: str, error: str) -> bool:
         """Record a failure; True when the sink was online before (a state change)."""
         row = SinkState.get_or_none(SinkState.name == name)
@@ -422,6 +456,7 @@ class DatabaseManager:
         free = db.execute_sql("PRAGMA freelist_count").fetchone()[0]
         return (pages - free) * page_size
 
+    @writes
     def enforce_budget(self, max_bytes: int, firebase_on: bool = False, chunk: int = 2000) -> dict:
         """Keep the store under ``max_bytes`` by deleting the oldest readings that every
         sink already has (synced to the backend, and backed up to Firebase when it is on).

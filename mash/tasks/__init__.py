@@ -44,7 +44,7 @@ _runtime = None
 _runtime_lock = threading.Lock()
 
 
-def runtime():
+def current_runtime():
     """This process's runtime, created on first use from the environment's settings."""
     global _runtime
     with _runtime_lock:
@@ -71,7 +71,7 @@ def use_queue_file(path) -> None:
 def _start_runtime() -> None:
     from mash.logs import setup_logging
     setup_logging(settings.log_level)    # under a bare huey_consumer too
-    runtime().start()
+    current_runtime().start()
 
 
 @huey.on_shutdown()
@@ -86,7 +86,7 @@ def _run(name: str):
     from mash.tasks import jobs
     job = getattr(jobs, name)
     try:
-        return job(runtime())
+        return job(current_runtime())
     except RetryableError as exc:
         if exc.retry_after:
             log.info("%s waits %.0f s as the backend asked (429)", job.__name__, exc.retry_after)
@@ -146,7 +146,7 @@ def heartbeat():
 @huey.task(name="force_sync")
 def force_sync():
     """``mash sync``: upload, back up and deliver everything now."""
-    rt = runtime()
+    rt = current_runtime()
     rt.store.meta_set("force_sync_requested", time.time())
     sync_readings()
     backup_firebase()
@@ -195,4 +195,4 @@ def cli_sync(wait: bool = False, timeout: float = 3600.0, out=sys.stderr) -> int
 
 
 __all__ = ["huey", "sync_readings", "backup_firebase", "deliver_acks", "deliver_alerts",
-           "poll_commands", "heartbeat", "force_sync", "runtime", "set_runtime", "TaskLockedException"]
+           "poll_commands", "heartbeat", "force_sync", "current_runtime", "set_runtime", "TaskLockedException"]

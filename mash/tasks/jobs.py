@@ -56,11 +56,14 @@ def sync_readings(rt) -> int:
     started, sent, after = time.monotonic(), 0, 0
     failures, failed_last = [], False
     backlog = store.pending_count()
+    # The backlog as it stands now: readings that arrive during the drain are the next run's,
+    # or a steady stream would keep one run (and its session) going for ever.
+    upto = store.last_reading_id()
     while True:
         # A large backlog goes in larger requests: a week offline must drain in minutes,
         # and per-request cost (latency, rate limit) dominates, not bytes.
         limit = max(size, rt.drain_batch) if backlog > 4 * size else size
-        batch = store.unsynced(limit, after_id=after)
+        batch = store.unsynced(limit, after_id=after, upto=upto)
         if not batch:
             break
         ids = [r.id for r in batch]
@@ -110,9 +113,10 @@ def backup_firebase(rt) -> int:
         return 0
     store = rt.store
     progress = store.sink("firebase").progress or 0
+    upto = store.last_reading_id()          # as in sync_readings: this run's backlog only
     written = 0
     while True:
-        rows = store.readings_after(progress, FIREBASE_BATCH)
+        rows = store.readings_after(progress, FIREBASE_BATCH, upto=upto)
         if not rows:
             break
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 import threading
 import time
 from itertools import groupby
@@ -59,6 +60,7 @@ class Runtime:
         self._lifecycle = threading.Lock()
         self.live_published = 0
         self.connect_hooks: list = []     # called (in paho's thread) on every MQTT connect
+        self._commands: queue.Queue = queue.Queue(maxsize=10000)
 
     # -- configuration ----------------------------------------------------------------------
     def reload_configuration(self) -> None:
@@ -79,13 +81,10 @@ class Runtime:
                 return
             self.started = True
         if self.mqtt is not None:
-            from mash.commands import intake, parse_payload
-
-            def on_command(raw: bytes) -> None:
-                cmd, size = parse_payload(raw, self.store)
-                if cmd is not None:
-                    intake(self, cmd, "mqtt", size)
-            self.mqtt.set_command_callback(on_command, raw=True)
+            # paho's thread only queues; the intake thread does the parsing and the writes,
+            # so a burst of commands never stalls the MQTT loop (PUBACKs, keepalives).
+            self.mqtt.set_command_callback(self._queue_command, raw=True)
+            self._spawn("command-intake", self._intake)
             self.mqtt.status_extra = self.store.get_stats
             self.mqtt.on_state_change = self._mqtt_state
             self.mqtt.connect(timeout=0)
@@ -114,6 +113,28 @@ class Runtime:
             self.mqtt.disconnect()
             self.store.sink_failed("mqtt", "worker stopped")
         log.info("worker stopped")
+
+    def _queue_command(self, raw: bytes) -> None:
+        try:
+            self._commands.put_nowait(raw)
+        except queue.Full:
+            self.store.incr("bad_command.overload")
+            log.warning("command intake full (%d waiting): dropping a command payload",
+                        self._commands.qsize())
+
+    def _intake(self) -> None:
+        from mash.commands import intake, parse_payload
+        while not self._stop.is_set():
+            try:
+                raw = self._commands.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                cmd, size = parse_payload(raw, self.store)
+                if cmd is not None:
+                    intake(self, cmd, "mqtt", size)
+            except Exception:
+                log.exception("command intake failed")
 
     def wake(self, kind: str) -> None:
         """Ask the scheduler to run ``kind`` (acks | alerts | sync) now."""
