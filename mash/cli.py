@@ -97,6 +97,10 @@ def cmd_devserver_command(args) -> int:
 
 def cmd_sync(args) -> int:
     from mash import tasks
+    if args.retry_rejected:
+        from mash.models import DatabaseManager
+        n = DatabaseManager(_settings().db_path).retry_rejected()
+        print(f"{n} rejected readings queued to be sent again", file=sys.stderr)
     return tasks.cli_sync(wait=args.wait, timeout=args.timeout)
 
 
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sync", help="enqueue a forced sync now")
     s.add_argument("--wait", action="store_true", help="wait for the backlog to drain")
     s.add_argument("--timeout", type=float, default=3600.0)
+    s.add_argument("--retry-rejected", action="store_true",
+                   help="send readings the backend refused (synced = -1) again")
     s.set_defaults(func=cmd_sync)
     s = sub.add_parser("status", help="the guide's sync stats")
     s.add_argument("--json", action="store_true")
