@@ -1,20 +1,22 @@
 """``python worker.py`` / ``mash worker``: the Huey consumer with the gateway's settings.
 
-Consumer settings chosen for real-time work: Huey's default polling backs off to 10 s
-between polls (9.7 s worst-case pickup measured here); ``-d 0.01 -m 0.1`` picks a task up in
-~21 ms median at ~0.5 % idle CPU. Two worker threads, so a long backlog drain never holds
-up an ack or an alert. Stale task locks left by a ``kill -9`` are flushed at start. SIGTERM
+Consumer settings: Huey's default polling backs off to 10 s between polls (9.7 s worst-case
+pickup); ``-d 0.01 -m 0.5`` picks a task up at once after activity and within 0.5 s when
+idle. What must be fast does not go through the queue (the live MQTT feed watches SQLite;
+commands reach the reader through the ledger), so the idle poll is set by CPU: at
+``-m 0.1`` the consumer alone took ~0.5 % of a core, too much of the 1 % budget. Two worker
+threads, so a long backlog drain never holds up an ack or an alert. Stale task locks left by a ``kill -9`` are flushed at start. SIGTERM
 (systemd's stop) and Ctrl-C let running tasks finish (at most 15 s), then the MQTT link
 closes with a retained ``offline`` status.
 
-The same as: ``huey_consumer mash.tasks.huey -w 2 -k thread -d 0.01 -m 0.1 -f``
+The same as: ``huey_consumer mash.tasks.huey -w 2 -k thread -d 0.01 -m 0.5 -f``
 """
 from __future__ import annotations
 
 import sys
 
 CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.15,
-                        max_delay=0.1, scheduler_interval=1, periodic=False, flush_locks=True,
+                        max_delay=0.5, scheduler_interval=1, periodic=False, flush_locks=True,
                         check_worker_health=True, shutdown_timeout=15, graceful_signal="TERM")
 
 

@@ -65,13 +65,6 @@ def observer(broker):
 
 
 @pytest.fixture
-def devserver(tmp_path):
-    s = DevServer(tmp_path / "devserver").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def devserver_factory(tmp_path):
     started = []
     def make(**kw):
@@ -81,6 +74,11 @@ def devserver_factory(tmp_path):
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def devserver(devserver_factory):
+    return devserver_factory()
 
 
 @pytest.fixture

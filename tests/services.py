@@ -46,6 +46,17 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def stop_process(proc, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,12 +174,7 @@ class Broker:
             self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def env(self) -> dict:
         return {"MQTT_BROKER": "127.0.0.1", "MQTT_PORT": str(self.port),
@@ -253,13 +259,7 @@ class DevServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def env(self) -> dict:
         return {"BACKEND_URL": self.url, "DEVICE_EMAIL": self.EMAIL, "DEVICE_PASSWORD": self.PASSWORD}
@@ -447,12 +447,7 @@ class Gateway:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in (self.reader, self.worker):
-            if p is not None:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, timeout=20)
         self.board.stop()
 
     def logs(self) -> str:

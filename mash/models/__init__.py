@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from peewee import (AutoField, CharField, DateTimeField, FloatField, IntegerField,
@@ -209,6 +210,7 @@ class DatabaseManager:
             self.uid = secrets.token_hex(6)
             self.meta_set("db_uid", self.uid)
         self._last_fb_key: dict[str, str] = {}
+        self._sink_seen: dict[str, tuple[bool, float]] = {}
 
     # -- identities ---------------------------------------------------------------------
     def reading_id(self, row_id: int) -> str:
@@ -399,6 +401,14 @@ class DatabaseManager:
                 self.set_desired(*desired)
         return bool(changed)
 
+    def has_undelivered(self) -> bool:
+        """Any alert or command outcome still owed to a sink (a read, no write)."""
+        return (Alert.select().where(Alert.backend_done_at.is_null() |
+                                     Alert.mqtt_done_at.is_null()).exists() or
+                Command.select().where(Command.status.in_(["completed", "failed"]) &
+                                       (Command.backend_acked_at.is_null() |
+                                        Command.mqtt_acked_at.is_null())).exists())
+
     def unacked_commands(self, sink: str, limit: int = 100) -> list[Command]:
         col = Command.backend_acked_at if sink == "backend" else Command.mqtt_acked_at
         return list(Command.select().where(Command.status.in_(["completed", "failed"]) &
@@ -420,9 +430,18 @@ class DatabaseManager:
         ActuatorState.replace(actuator=actuator, desired=state, updated_at=utcnow()).execute()
 
     # -- sinks --------------------------------------------------------------------------
+    SINK_REFRESH = 60.0     # seconds between rewrites of an unchanged "online" (SD-card writes)
+
     @writes
     def sink_ok(self, name: str, **extra) -> bool:
-        """Record a success; True when the sink was offline before (a state change)."""
+        """Record a success; True when the sink was offline before (a state change).
+
+        An unchanged online state is rewritten at most once a minute (``last_ok``), not on
+        every call: a 10 s command poll would otherwise cost a page write each time."""
+        cached = self._sink_seen.get(name)
+        if not extra and cached and cached[0] and time.monotonic() - cached[1] < self.SINK_REFRESH:
+            return False
+        self._sink_seen[name] = (True, time.monotonic())
         row = SinkState.get_or_none(SinkState.name == name)
         was_online = bool(row and row.online)
         (SinkState.insert(name=name, online=1, last_ok=utcnow(), last_error=None, **extra)
@@ -436,6 +455,7 @@ class DatabaseManager:
     @writes
     def sink_failed(self, name: str, error: str) -> bool:
         """Record a failure; True when the sink was online before (a state change)."""
+        self._sink_seen[name] = (False, time.monotonic())
         row = SinkState.get_or_none(SinkState.name == name)
         was_online = bool(row is None or row.online)
         (SinkState.insert(name=name, online=0, last_error=error[:500])

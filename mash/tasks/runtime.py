@@ -175,8 +175,9 @@ class Runtime:
                     self._quietly("command poll", tasks.poll_commands)
                 if now >= next_run["sweep"] or woken & {"acks", "alerts"}:
                     next_run["sweep"] = now + self.intervals["sweep"]
-                    self._quietly("ack delivery", tasks.deliver_acks)
-                    self._quietly("alert delivery", tasks.deliver_alerts)
+                    if self.store.has_undelivered():     # a read; the task's lock is a write
+                        self._quietly("ack delivery", tasks.deliver_acks)
+                        self._quietly("alert delivery", tasks.deliver_alerts)
                 if now >= next_run["heartbeat"]:
                     next_run["heartbeat"] = now + self.intervals["heartbeat"]
                     self._quietly("heartbeat", tasks.heartbeat)
