@@ -314,7 +314,7 @@ def bench_resources(quick: bool):
     window = 60 if quick else 300
     try:
         board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
-        store = DatabaseManager(s.dir / "data" / "mash.db")
+        DatabaseManager(s.dir / "data" / "mash.db")          # binds the models to this store
         wait_for(lambda: SensorData.select().count() >= 2, timeout=30)
         time.sleep(10)                                  # let start-up work settle
         procs = {"reader": reader.pid, "worker": worker.pid}
@@ -377,7 +377,6 @@ def main() -> int:
     for name in args.names or list(BENCHES):
         print(f"[{name}]", flush=True)
         BENCHES[name](args.quick)
-    width = max(len(r[0]) for r in RESULTS)
     print("\n| figure | measured | target | |\n| --- | --- | --- | --- |")
     for name, value, target, verdict in RESULTS:
         print(f"| {name} | {value} | {target} | {verdict} |")

@@ -24,7 +24,7 @@ from mash import protocol
 from mash.alerts import AlertEngine
 from mash.config import ConfigError, Settings, merge_thresholds
 from mash.logs import OncePerKind
-from mash.models import DatabaseManager, parse_iso, utcnow
+from mash.models import DatabaseManager, utcnow
 
 log = logging.getLogger("mash.reader")
 

@@ -1,6 +1,4 @@
 """The MQTT client against a real mosquitto with TLS and a password file."""
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -53,7 +51,7 @@ def test_guide_example_publishes_and_receives_commands(broker, observer, mqtt_fo
 
 
 def test_create_mqtt_client_without_a_broker_is_off(make_settings):
-    mqtt = MQTTClient(make_settings())
+    mqtt = create_mqtt_client(make_settings())
     assert not mqtt.enabled and mqtt.connect() is False and not mqtt.is_alive()
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mash.models import ActuatorState, Command, SensorData, db
+from mash.models import ActuatorState, Command, SensorData
 from mash.reader import Reader
 from mash.simulator import SimulatedBoard
 from tests.services import ROOT, wait_for

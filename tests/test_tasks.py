@@ -10,7 +10,7 @@ from huey.exceptions import RetryTask
 from mash import tasks
 from mash.cloud.backend_api import RetryableError
 from mash.commands import intake
-from mash.models import Alert, Command, SensorData, db, utcnow
+from mash.models import Command, SensorData, db, utcnow
 from mash.tasks import jobs
 from tests.services import wait_for
 

@@ -520,6 +520,7 @@ class DatabaseManager:
         fb = sinks.get("firebase")
         newest_ts = SensorData.select(fn.MAX(SensorData.timestamp)).scalar()
         counters = self.counters()
+        storage = self.meta_get("storage") or {}
         return {
             "backend_online": bool(sinks.get("backend") and sinks["backend"].online),
             "mqtt_online": bool(sinks.get("mqtt") and sinks["mqtt"].online),
@@ -537,8 +538,8 @@ class DatabaseManager:
                 Command.status.in_(["completed", "failed"]) &
                 (Command.backend_acked_at.is_null() | Command.mqtt_acked_at.is_null())).count(),
             "bad_lines": sum(v for k, v in counters.items() if k.startswith("bad_line.")),
-            "storage_used_mb": (self.meta_get("storage") or {}).get("used_mb"),
-            "storage_over_budget": bool((self.meta_get("storage") or {}).get("over")),
+            "storage_used_mb": storage.get("used_mb"),
+            "storage_over_budget": bool(storage.get("over")),
             "readings_deleted_by_retention": counters.get("retention_deleted", 0),
             "schema_version": SCHEMA_VERSION,
         }

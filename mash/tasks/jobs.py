@@ -17,7 +17,6 @@ from mash.models import iso
 
 log = logging.getLogger("mash.worker")
 
-DRAIN_BATCH = 500          # readings per request while a large backlog drains
 FIREBASE_BATCH = 500
 
 
