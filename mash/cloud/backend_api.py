@@ -73,6 +73,7 @@ class BackendAPIClient:
         self._access_life = 0.0
         self._blocked_until = 0.0      # monotonic; set by a 429
         self._online: bool | None = None
+        self._registered = False          # send_sensor_data registers once per client
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -286,7 +287,9 @@ class BackendAPIClient:
         if not readings:
             return False
         try:
-            self.register_device()
+            if not self._registered:
+                self.register_device()
+                self._registered = True
             self.upload_readings(readings, key=uuid.uuid4().hex)
             return True
         except BackendError as exc:

@@ -210,11 +210,13 @@ class MQTTClient:
         return self.publish("sensor_data", payload, on_confirm=on_confirm)
 
     def publish_status(self, status: str = "online", on_confirm=None, **stats) -> bool:
+        """Retained status; with no ``stats`` given, ``status_extra()`` supplies them."""
         payload = {"deviceId": self.device_id, "status": status, "timestamp": time.time()}
-        try:
-            payload.update(self.status_extra() or {})
-        except Exception:
-            log.debug("status stats unavailable", exc_info=True)
+        if not stats:
+            try:
+                stats = self.status_extra() or {}
+            except Exception:
+                log.debug("status stats unavailable", exc_info=True)
         payload.update(stats)
         return self.publish("status", payload, retain=True, qos=1, on_confirm=on_confirm)
 

@@ -14,7 +14,8 @@ import threading
 import time
 from collections import deque
 
-from mash.models import Alert, Command, DatabaseManager, db, utcnow
+from mash.alerts import AlertEvent
+from mash.models import Command, DatabaseManager, db
 
 log = logging.getLogger("mash.sync")
 
@@ -85,8 +86,7 @@ class SyncManager:
         """Store an alert durably and have it delivered to the backend and MQTT."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
-        Alert.create(event_type=alert_type, severity=severity, room=room, message=message,
-                     state="raised", created_at=utcnow())
+        self.store.add_alerts([AlertEvent(alert_type, severity, room, None, None, "raised", message)])
         self._enqueue("deliver_alerts")
 
     def get_pending_command(self, timeout: float = 0.0) -> dict | None:
@@ -96,8 +96,7 @@ class SyncManager:
             with db.atomic():
                 cmd = self.store.next_board_command()
                 if cmd is not None and cmd.status == "queued":
-                    Command.update(status="running", attempts=Command.attempts + 1).where(
-                        Command.seq == cmd.seq).execute()
+                    self.store.start_command(cmd.command_id)
                     return {"id": cmd.command_id, "command": cmd.command,
                             "parameters": json.loads(cmd.parameters), "source": cmd.source}
             if time.monotonic() >= deadline:

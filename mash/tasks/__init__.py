@@ -107,18 +107,26 @@ def backup_firebase():
         return _run("backup_firebase")
 
 
+# Set when a delivery is asked for while one is running in this process: the running sweep
+# goes round once more, so nothing waits for the next periodic sweep.
+_again = {name: threading.Event() for name in ("deliver_acks", "deliver_alerts")}
+
+
 def _deliver(name):
-    """Deliveries are sweeps: if one is running, it will also pick up what this run was
-    asked for (it repeats until a pass finds nothing new), so skip instead of waiting."""
+    """Deliveries are sweeps: if one is running, it also picks up what this run was asked
+    for (it repeats while a pass delivers something or another run was asked for), so skip
+    instead of waiting for the lock."""
     lock = _locks[name]
     if lock.is_locked():
+        _again[name].set()
         return 0
     with lock:
         total = 0
         for _ in range(20):
+            _again[name].clear()
             done = _run(name)
             total += done
-            if not done:
+            if not done and not _again[name].is_set():
                 break
         return total
 
@@ -158,7 +166,7 @@ def enqueue_sync(rt) -> None:
     """The scheduler's periodic sync: enqueue only when there is something to send."""
     if rt.backend is not None and rt.store.pending_count() and not _locks["sync_readings"].is_locked():
         sync_readings()
-    if rt.firebase is not None and rt.store.get_stats()["firebase_lag_records"] \
+    if rt.firebase is not None and rt.store.last_reading_id() > rt.store.sink("firebase").progress \
             and not _locks["backup_firebase"].is_locked():
         backup_firebase()
 

@@ -157,20 +157,12 @@ def _ack_response(cmd) -> dict:
 
 def deliver_acks(rt) -> int:
     """Every final command status to both sinks, once each."""
-    store, done = rt.store, 0
-    for cmd in store.unacked_commands("backend"):
-        if rt.backend is None:
-            store.command_acked(cmd.command_id, "backend", "backend not configured")
-            continue
-        try:
-            _backend_call(rt, rt.backend.ack_command, cmd.command_id, cmd.status,
-                          _ack_response(cmd), iso(cmd.finished_at))
-            store.command_acked(cmd.command_id, "backend")
-            done += 1
-        except PermanentError as exc:
-            # 404: the backend never knew this command (it came over MQTT). Recorded, not retried.
-            store.command_acked(cmd.command_id, "backend", str(exc)[:300])
-            log.info("command %s ack not taken by the backend: %s", cmd.command_id, exc)
+    store = rt.store
+    done = _send_pending(rt, store.unacked_commands("backend"),
+                         lambda cmd: rt.backend.ack_command(cmd.command_id, cmd.status,
+                                                            _ack_response(cmd), iso(cmd.finished_at)),
+                         lambda cmd, error: store.command_acked(cmd.command_id, "backend", error),
+                         lambda cmd: f"ack of command {cmd.command_id}")
     done += _publish_pending(rt, store.unacked_commands("mqtt"), "ack", lambda cmd, confirm:
                              rt.mqtt.publish_ack(cmd.command_id, cmd.status, _ack_response(cmd),
                                                  on_confirm=confirm),
@@ -181,21 +173,16 @@ def deliver_acks(rt) -> int:
 
 def deliver_alerts(rt) -> int:
     """Raised and cleared alerts to the backend and MQTT, once per sink."""
-    store, done = rt.store, 0
-    for alert in store.undelivered_alerts("backend"):
-        if rt.backend is None:
-            store.alert_delivered(alert.id, "backend", "backend not configured")
-            continue
+    store = rt.store
+
+    def send(alert):
         event, severity = _alert_shape(alert)
-        try:
-            ensure_registered(rt)
-            _backend_call(rt, rt.backend.trigger_alert, event, alert.message, severity,
-                          alert.room, alert.value, alert.threshold, iso(alert.created_at))
-            store.alert_delivered(alert.id, "backend")
-            done += 1
-        except PermanentError as exc:
-            store.alert_delivered(alert.id, "backend", str(exc)[:300])
-            log.error("backend refused alert %s: %s", store.alert_id(alert.id), exc)
+        ensure_registered(rt)
+        rt.backend.trigger_alert(event, alert.message, severity, alert.room, alert.value,
+                                 alert.threshold, iso(alert.created_at))
+    done = _send_pending(rt, store.undelivered_alerts("backend"), send,
+                         lambda alert, error: store.alert_delivered(alert.id, "backend", error),
+                         lambda alert: f"alert {store.alert_id(alert.id)}")
 
     def publish(alert, confirm):
         event, severity = _alert_shape(alert)
@@ -204,6 +191,26 @@ def deliver_alerts(rt) -> int:
                                      timestamp=iso(alert.created_at), on_confirm=confirm)
     done += _publish_pending(rt, store.undelivered_alerts("mqtt"), "alert", publish,
                              lambda a: store.alert_delivered(a.id, "mqtt"), lambda a: a.id)
+    return done
+
+
+def _send_pending(rt, items, send, mark, describe) -> int:
+    """Send each owed item to the backend and mark it done. A permanent refusal (say a 404
+    for a command the backend never knew, from MQTT) is marked done with the reason, not
+    retried; a retryable failure propagates for Huey's retry."""
+    done = 0
+    for item in items:
+        if rt.backend is None:
+            mark(item, "backend not configured")
+            continue
+        try:
+            _backend_call(rt, send, item)
+        except PermanentError as exc:
+            mark(item, str(exc)[:300])
+            log.warning("backend refused the %s: %s", describe(item), exc)
+            continue
+        mark(item, None)
+        done += 1
     return done
 
 
