@@ -249,14 +249,13 @@ class Reader:
         A write that fails (disk full, database locked too long) keeps the line in memory,
         with its arrival time, and is tried again every few seconds; nothing is dropped
         until the buffer's bound (UNSTORED_MAX lines, days at the board's rate)."""
-        from mash.models import db
         from peewee import DatabaseError
         raised = False
         while self.unstored:
             data, ts, events = self.unstored[0]
             cause = None
             try:
-                with db.atomic():
+                with self.store.transaction():
                     try:
                         self.store.save_sensor_data(data, timestamp=ts)
                         if events:
@@ -426,8 +425,7 @@ class Reader:
         if not self.bad_counts:
             return
         counts, self.bad_counts = self.bad_counts, {}
-        from mash.models import db
-        with db.atomic():
+        with self.store.transaction():
             for kind, n in counts.items():
                 self.store.incr(f"bad_line.{kind}", n)
 

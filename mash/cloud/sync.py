@@ -15,7 +15,7 @@ import time
 from collections import deque
 
 from mash.alerts import AlertEvent
-from mash.models import Command, DatabaseManager, db
+from mash.models import Command, DatabaseManager
 
 log = logging.getLogger("mash.sync")
 
@@ -93,12 +93,10 @@ class SyncManager:
         """The next ``set_actuator`` command to execute, or None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            with db.atomic():
-                cmd = self.store.next_board_command()
-                if cmd is not None and cmd.status == "queued":
-                    self.store.start_command(cmd.command_id)
-                    return {"id": cmd.command_id, "command": cmd.command,
-                            "parameters": json.loads(cmd.parameters), "source": cmd.source}
+            cmd = self.store.claim_command()
+            if cmd is not None:
+                return {"id": cmd.command_id, "command": cmd.command,
+                        "parameters": json.loads(cmd.parameters), "source": cmd.source}
             if time.monotonic() >= deadline:
                 return None
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -12,6 +12,7 @@ that is one fsync per 5 s, which the SD card does not notice.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -318,6 +319,14 @@ class DatabaseManager:
     def meta_set(self, key: str, value) -> None:
         KeyValue.replace(key=key, value=json.dumps(value)).execute()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction under the process's write lock. Every transaction that writes
+        takes the lock first: holding SQLite's write lock while waiting for the Python one
+        (say, a @writes method called inside a bare db.atomic()) would deadlock two threads."""
+        with _write_lock, db.atomic():
+            yield
+
     def data_version(self) -> int:
         """Changes whenever another connection commits: a free 'anything new?' check."""
         return db.execute_sql("PRAGMA data_version").fetchone()[0]
@@ -380,6 +389,17 @@ class DatabaseManager:
                 .where(Command.status.in_(["queued", "running"]) &
                        (Command.command == "set_actuator"))
                 .order_by(Command.seq).first())
+
+    @writes
+    def claim_command(self) -> Command | None:
+        """Take the next queued ``set_actuator`` command for an executor other than the
+        reader (the guide's sync manager): mark it running and return it."""
+        with db.atomic():
+            cmd = self.next_board_command()
+            if cmd is None or cmd.status != "queued":
+                return None
+            self.start_command(cmd.command_id)
+            return cmd
 
     @writes
     def start_command(self, command_id: str) -> int:

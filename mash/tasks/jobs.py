@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 from mash.cloud.errors import PermanentError, RetryableError
@@ -155,8 +156,19 @@ def _ack_response(cmd) -> dict:
     return response
 
 
+# One delivery of a kind at a time in a process, whoever calls (a queued task, the
+# scheduler's sweep, the sync manager): two sweeps reading the same owed items before either
+# marks them would send them twice. (Across processes the Huey task lock does this.)
+_delivering = {"acks": threading.Lock(), "alerts": threading.Lock()}
+
+
 def deliver_acks(rt) -> int:
     """Every final command status to both sinks, once each."""
+    with _delivering["acks"]:
+        return _deliver_acks(rt)
+
+
+def _deliver_acks(rt) -> int:
     store = rt.store
     done = _send_pending(rt, store.unacked_commands("backend"),
                          lambda cmd: rt.backend.ack_command(cmd.command_id, cmd.status,
@@ -173,6 +185,11 @@ def deliver_acks(rt) -> int:
 
 def deliver_alerts(rt) -> int:
     """Raised and cleared alerts to the backend and MQTT, once per sink."""
+    with _delivering["alerts"]:
+        return _deliver_alerts(rt)
+
+
+def _deliver_alerts(rt) -> int:
     store = rt.store
 
     def send(alert):
