@@ -1,11 +1,11 @@
 """The Huey worker with the gateway's consumer settings: ``python worker.py``.
 
-The same as ``mash worker``; ``huey_consumer mash.tasks.huey`` also works (see the README for
-the flags ``python worker.py`` applies).
+The same as ``mash worker``; ``huey_consumer mash.tasks.huey`` also works (see the README
+for the flags ``python worker.py`` applies).
 """
 import sys
 
-from mash.cli import main
+from mash.worker import main
 
 if __name__ == "__main__":
-    sys.exit(main(["worker"]))
+    sys.exit(main())

@@ -61,7 +61,7 @@ def write_bytes(pid: int) -> int:
 
 
 def add_backlog(store, lines: int) -> None:
-    from mash.models import SensorData, db
+    S = store.m.SensorData
     start = dt.datetime.utcnow() - dt.timedelta(days=30)
     rows = []
     for i in range(lines):
@@ -70,13 +70,13 @@ def add_backlog(store, lines: int) -> None:
         rows.append(dict(room="fruiting", temperature=24.0, humidity=85.0, co2=800, timestamp=ts, fb_key=key))
         rows.append(dict(room="spawning", temperature=28.0, humidity=70.0, co2=900, timestamp=ts, fb_key=key))
         if len(rows) >= 20000:
-            with db.atomic():
+            with store.transaction():
                 for k in range(0, len(rows), 400):
-                    SensorData.insert_many(rows[k:k + 400]).execute()
+                    S.insert_many(rows[k:k + 400]).execute()
             rows = []
-    with db.atomic():
+    with store.transaction():
         for k in range(0, len(rows), 400):
-            SensorData.insert_many(rows[k:k + 400]).execute()
+            S.insert_many(rows[k:k + 400]).execute()
 
 
 class Scratch:
@@ -125,7 +125,7 @@ def stop(*procs):
 # -- benchmarks ---------------------------------------------------------------------------------
 def bench_reader_flood(quick: bool):
     """Readings stored per second from a flooding pty; reader RSS after."""
-    from mash.models import DatabaseManager, SensorData
+    from mash.models import Store
     from mash.simulator import SimulatedBoard
     s = Scratch()
     n = 2000 if quick else 10000
@@ -133,7 +133,7 @@ def bench_reader_flood(quick: bool):
         board = SimulatedBoard(interval=0, link=s.dir / "tty").start(banner=False)
         env = dict(os.environ, SERIAL_PORT=board.port, MASH_DATA_DIR=str(s.dir / "data"))
         reader = spawn("reader.py", env, s.dir / "reader.log", s)
-        DatabaseManager(s.dir / "data" / "mash.db")
+        SensorData = Store(s.dir / "data" / "mash.db").m.SensorData
         wait_for(lambda: board.boots >= 1, timeout=20)          # the reader opened the port
         board.emit_reading()
         wait_for(lambda: SensorData.select().count() >= 2, timeout=20)
@@ -155,12 +155,11 @@ def bench_reader_flood(quick: bool):
 
 def _runtime(store_path, server, batch_size=50):
     from mash.config import Settings
-    from mash.models import DatabaseManager
-    from mash.tasks.runtime import Runtime
+    from mash.models import Store
+    from mash.tasks.context import WorkerContext
     settings = Settings.from_mapping({**server.env(), "MASH_DATA_DIR": str(store_path.parent),
                                       "BATCH_SIZE": str(batch_size)})
-    store = DatabaseManager(store_path)
-    return Runtime(settings, store=store, mqtt=None, firebase=None)
+    return WorkerContext(settings, store=Store(store_path), mqtt=None, firebase=None)
 
 
 def bench_upload(quick: bool):
@@ -185,21 +184,20 @@ def bench_upload(quick: bool):
 
 
 def bench_drain(quick: bool, lines: int, latency: float = 0.0, label: str = "", target=None):
-    from mash.models import SensorData
-    from mash.tasks import jobs
+    from mash.tasks import sync
     s = Scratch()
     try:
         server = s.devserver(rate_limit=600, rate_window=60)   # a per-client limit, as in production
         rt = _runtime(s.dir / "data" / "mash.db", server, batch_size=50)
         add_backlog(rt.store, lines // 2)
-        jobs.ensure_registered(rt)
+        sync.ensure_registered(rt)
         if latency:
             server.faults(latency=latency)
         t0 = time.monotonic()
         sent = 0
         while rt.store.pending_count():
             try:
-                sent += jobs.sync_readings(rt)
+                sent += sync.sync_readings(rt)
             except Exception as exc:          # a 429: wait as asked, as Huey's RetryTask would
                 wait = getattr(exc, "retry_after", None) or 1.0
                 time.sleep(wait)
@@ -207,7 +205,8 @@ def bench_drain(quick: bool, lines: int, latency: float = 0.0, label: str = "", 
         rate = lines / took
         record(f"backlog drain, {lines:,} readings{label}", rate, "readings/s",
                target and f">= {target:,} readings/s", target and rate >= target)
-        assert SensorData.select().where(SensorData.synced == 1).count() == lines
+        S = rt.store.m.SensorData
+        assert S.select().where(S.synced == 1).count() == lines
     finally:
         s.close()
 
@@ -261,12 +260,12 @@ def _gateway(s: Scratch, interval: float, extra_env=None):
 
 def bench_live_latency(quick: bool):
     """Serial line -> MQTT subscriber, idle and while a backlog drains."""
-    from mash.models import DatabaseManager
+    from mash.models import Store
     s = Scratch()
     try:
         board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=0)
         obs = broker.observer()
-        store = DatabaseManager(s.dir / "data" / "mash.db")
+        store = Store(s.dir / "data" / "mash.db")
         wait_for(lambda: board.boots >= 1, timeout=20)
         time.sleep(3)
 
@@ -309,12 +308,12 @@ def bench_live_latency(quick: bool):
 def bench_resources(quick: bool):
     """At the real board's rate (a line per 5 s): CPU, bytes written per line, RSS after an
     hour-equivalent of lines."""
-    from mash.models import DatabaseManager, SensorData
+    from mash.models import Store
     s = Scratch()
     window = 60 if quick else 300
     try:
         board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
-        DatabaseManager(s.dir / "data" / "mash.db")          # binds the models to this store
+        SensorData = Store(s.dir / "data" / "mash.db").m.SensorData
         wait_for(lambda: SensorData.select().count() >= 2, timeout=30)
         time.sleep(10)                                  # let start-up work settle
         procs = {"reader": reader.pid, "worker": worker.pid}

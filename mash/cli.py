@@ -4,110 +4,88 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
+from mash import devserver, reader, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
-
-
-def _settings() -> Settings:
-    return Settings.load()
+from mash.logs import setup_logging
+from mash.models import Store
 
 
 def cmd_run(args) -> int:
-    """Reader and worker together in the foreground; the simulated board when none is attached."""
-    from mash.logs import setup_logging
-    from mash.reader import find_board
-    settings = _settings()
+    settings = Settings.load()
     setup_logging(settings.log_level)
-    env = dict(os.environ)
-    board = None
-    if settings.serial_port == "sim" or (settings.serial_port is None and not find_board()):
-        from mash.simulator import SimulatedBoard
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        board = SimulatedBoard(interval=args.interval,
-                               link=settings.data_dir.resolve() / "sim-tty").start()
-        env["SERIAL_PORT"] = board.port
-        print(f"no Arduino attached: simulated board on {board.port}, a reading every "
-              f"{args.interval:g} s", flush=True)
-    procs = [subprocess.Popen([sys.executable, "-m", "mash.reader"], env=env),
-             subprocess.Popen([sys.executable, "-m", "mash.worker"], env=env)]
-    print(f"gateway running (data in {settings.data_dir}); Ctrl-C stops it", flush=True)
-
-    stopping = []
-    def _stop(*_):
-        stopping.append(1)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        while not stopping and all(p.poll() is None for p in procs):
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if board:
-            board.stop()
-    codes = [p.returncode for p in procs]
-    return 0 if stopping else max(abs(c) for c in codes if c is not None)
+    return supervisor.run(settings, interval=args.interval)
 
 
 def cmd_reader(args) -> int:
-    from mash.reader import main
-    return main(_settings())
+    return reader.main()
 
 
 def cmd_worker(args) -> int:
-    from mash.worker import main
-    return main()
+    return worker.main()
 
 
 def cmd_simulate(args) -> int:
-    from mash.simulator import main
-    main(interval=args.interval, link=args.link)
+    simulator.main(interval=args.interval, link=args.link)
     return 0
 
 
 def cmd_devserver(args) -> int:
-    from mash.devserver import main
-    return main(args)
+    return devserver.main(args)
 
 
 def cmd_devserver_command(args) -> int:
-    from mash.devserver import issue_command
     try:
         params = json.loads(args.parameters)
     except ValueError:
         print("parameters must be JSON, e.g. '{\"actuator\":\"MIST_MAKER\",\"state\":\"ON\"}'",
               file=sys.stderr)
         return 2
-    print(json.dumps(issue_command(args.url, args.device, args.command, params,
-                                   expires_in=args.expires_in), indent=2))
+    print(json.dumps(devserver.issue_command(args.url, args.device, args.command, params,
+                                             expires_in=args.expires_in), indent=2))
     return 0
 
 
 def cmd_sync(args) -> int:
-    from mash import tasks
+    store = Store(Settings.load().db_path)
     if args.retry_rejected:
-        from mash.models import DatabaseManager
-        n = DatabaseManager(_settings().db_path).retry_rejected()
+        n = store.retry_rejected()
         print(f"{n} rejected readings queued to be sent again", file=sys.stderr)
-    return tasks.cli_sync(wait=args.wait, timeout=args.timeout)
+    start_pending = store.pending_count()
+    tasks.force_sync()
+    print(f"sync enqueued ({start_pending} readings pending)", file=sys.stderr, flush=True)
+    if not args.wait:
+        return 0
+    return wait_for_drain(store, start_pending, args.timeout)
+
+
+def wait_for_drain(store: Store, start_pending: int, timeout: float, out=sys.stderr) -> int:
+    """A progress bar (readings/s, ETA) until nothing is pending, or ``timeout`` passes."""
+    t0 = time.monotonic()
+    while True:
+        pending = store.pending_count()
+        done = max(0, start_pending - pending)
+        elapsed = time.monotonic() - t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        frac = done / start_pending if start_pending else 1.0
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        eta = f"{pending / rate:.0f} s" if rate > 0 else "?"
+        print(f"\r[{bar}] {done}/{start_pending}  {rate:.0f} readings/s  ETA {eta}   ",
+              end="", file=out, flush=True)
+        if pending == 0:
+            print(f"\nbacklog drained in {elapsed:.1f} s", file=out, flush=True)
+            return 0
+        if elapsed > timeout:
+            print(f"\ngave up after {timeout:.0f} s: {pending} readings still pending "
+                  "(is the worker running? see `mash status`)", file=out, flush=True)
+            return 1
+        time.sleep(0.5)
 
 
 def cmd_status(args) -> int:
-    from mash.models import DatabaseManager
-    settings = _settings()
-    stats = DatabaseManager(settings.db_path).get_stats()
+    stats = Store(Settings.load().db_path).get_stats()
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0

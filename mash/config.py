@@ -6,6 +6,7 @@ an hour later in a task.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -16,7 +17,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-ROOMS = ("fruiting", "spawning")
+from mash.contract import ROOMS
+
 
 # Per-room alert limits. ``co2_critical`` is the guide's ``co2 > 1500 -> CRITICAL high_co2``;
 # it is a fruiting-room rule: a spawning room runs at 2,000-5,000 ppm on purpose (the firmware's
@@ -81,6 +83,39 @@ def merge_thresholds(base: dict, override: object, key: str = "ALERT_THRESHOLDS"
     return merged
 
 
+RAM_DIR = Path("/dev/shm")
+
+
+def resolve_queue_dir(data_dir: Path, configured: Path | None = None) -> Path:
+    """Where the queue file of the gateway whose data is in ``data_dir`` lives.
+
+    The reader, the worker and the shell must agree on it without talking, so the RAM
+    location is derived from the data directory's absolute path."""
+    if configured is not None:
+        return configured
+    if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK):
+        digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+        return RAM_DIR / f"mash-{os.getuid()}" / digest
+    return Path(data_dir)
+
+
+def environment(env_file: str | os.PathLike | None = None) -> dict:
+    """``os.environ`` over ``config/.env`` (or ``MASH_ENV_FILE``)."""
+    path = Path(env_file or os.environ.get("MASH_ENV_FILE", "config/.env"))
+    return {**(dotenv_values(path) if path.is_file() else {}), **os.environ}
+
+
+def queue_path_from(env: dict) -> Path:
+    """The queue file from the environment alone, without validating anything else: the
+    Huey instance must exist at import, before a bad setting can be reported."""
+    def text(key):
+        value = (env.get(key) or "").strip()
+        return value or None
+    configured = text("MASH_QUEUE_DIR") or text("RUNTIME_DIRECTORY")
+    data_dir = Path(text("MASH_DATA_DIR") or "data")
+    return resolve_queue_dir(data_dir, Path(configured) if configured else None) / "queue.db"
+
+
 @dataclass(frozen=True)
 class Settings:
     device_id: str = "rpi_gateway_001"
@@ -106,6 +141,7 @@ class Settings:
     serial_port: str | None = None
     serial_baud: int = 9600
     data_dir: Path = Path("data")
+    queue_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
     stale_after: int = 120
     max_db_mb: int = 1024
@@ -118,7 +154,11 @@ class Settings:
 
     @property
     def queue_path(self) -> Path:
-        return self.data_dir / "queue.db"
+        """The Huey queue's file. It holds no durable state (every job is a sweep over
+        ``mash.db``), so it lives on RAM-backed storage where there is some: the SD card is
+        spared every enqueue and dequeue. ``MASH_QUEUE_DIR``, else systemd's
+        ``RUNTIME_DIRECTORY``, else ``/dev/shm``, else the data directory."""
+        return resolve_queue_dir(self.data_dir, self.queue_dir) / "queue.db"
 
     @property
     def backend_enabled(self) -> bool:
@@ -146,11 +186,9 @@ class Settings:
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, env: dict | None = None, env_file: str | os.PathLike | None = None) -> "Settings":
-        """Read settings from ``env`` (default: ``os.environ`` over ``config/.env``)."""
-        if env is None:
-            path = Path(env_file or os.environ.get("MASH_ENV_FILE", "config/.env"))
-            env = {**(dotenv_values(path) if path.is_file() else {}), **os.environ}
-        return cls.from_mapping(env)
+        """Read settings from ``env`` (default: ``os.environ`` over ``config/.env``);
+        raises ConfigError on a bad value."""
+        return cls.from_mapping(env if env is not None else environment(env_file))
 
     @classmethod
     def from_mapping(cls, env: dict) -> "Settings":
@@ -259,6 +297,8 @@ class Settings:
             serial_port=serial_port,
             serial_baud=baud,
             data_dir=Path(text("MASH_DATA_DIR", "data")),
+            queue_dir=Path(text("MASH_QUEUE_DIR")) if text("MASH_QUEUE_DIR") else
+            (Path(text("RUNTIME_DIRECTORY")) if text("RUNTIME_DIRECTORY") else None),
             thresholds=thresholds,
             stale_after=integer("STALE_AFTER", 120, 10, 86400),
             max_db_mb=integer("MAX_DB_MB", 1024, 1, 1_000_000),

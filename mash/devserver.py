@@ -28,12 +28,13 @@ import requests
 from peewee import (CharField, DateTimeField, FloatField, IntegerField, Model, SqliteDatabase,
                     TextField, fn)
 
+from mash.config import Settings
+from mash.contract import DEVICE_STATUSES, ROOMS, SEVERITIES
+from mash.logs import setup_logging
+
 log = logging.getLogger("mash.devserver")
 
 devdb = SqliteDatabase(None)
-ROOMS = ("fruiting", "spawning")
-DEVICE_STATUSES = ("ONLINE", "OFFLINE", "MAINTENANCE", "ERROR")
-SEVERITIES = ("INFO", "WARNING", "CRITICAL")
 MAX_BODY = 5 * 1024 * 1024
 MAX_READINGS = 1000
 
@@ -613,14 +614,12 @@ def serve(backend: Backend, host: str = "127.0.0.1", port: int = 0) -> Threading
 
 
 def main(args) -> int:
-    from mash.logs import setup_logging
     setup_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("the reference backend listens on loopback only", flush=True)
         return 2
     users = [tuple(u.split(":", 1)) for u in args.user if ":" in u]
     if not users:
-        from mash.config import Settings
         s = Settings.load()
         if s.device_email and s.device_password:
             users = [(s.device_email, s.device_password)]

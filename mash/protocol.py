@@ -10,22 +10,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from mash.config import ROOMS
-
-MAX_LINE = 512          # a reading is ~120 bytes; anything past this is noise
-MAX_COMMAND = 128       # the firmware's command buffer
-ACTUATORS = ("MIST_MAKER", "HUMIDIFIER_FAN", "FRUITING_EXHAUST_FAN", "FRUITING_INTAKE_FAN",
-             "SPAWNING_EXHAUST_FAN", "DEVICE_EXHAUST_FAN", "FRUITING_LED")
-STATES = ("ON", "OFF")
-RANGES = {"temp": (-10.0, 60.0), "humidity": (0.0, 100.0), "co2": (400.0, 5000.0)}
-KEEPALIVE = b'{"keepalive":true}\n'
+from mash.contract import (ACTUATORS, KEEPALIVE, MAX_BOARD_COMMAND, MAX_LINE, RANGES, ROOMS,
+                           STATES)
 
 _CMD_RE = re.compile(r"^\[CMD\] Set ([A-Z0-9_]+) to (ON|OFF)\s*$")
 # The three [ERROR] lines the firmware prints in answer to a command.
 _COMMAND_ERRORS = ("[ERROR] Unknown actuator", "[ERROR] deserializeJson() failed",
                    "[ERROR] Invalid JSON command format")
-_INFO_PREFIXES = ("[OK]", "[SAFETY]", "[I2C]", "[WARNING]", "[INFO]", "====", "M.A.S.H.",
-                  "[ERROR]")
+_INFO_PREFIXES = ("[OK]", "[SAFETY]", "[I2C]", "[WARNING]", "[INFO]", "[INIT]", "[WDT]", "====",
+                  "M.A.S.H.", "Mushroom Automation", "[ERROR]")
 
 
 @dataclass
@@ -57,7 +50,14 @@ class CommandError:
 
 @dataclass
 class BoardReset:
-    """``[READY]`` or ``{"watchdog":"recovered"}``: every relay is now OFF."""
+    """``[READY]``: the board booted and every relay is OFF."""
+    line: str
+
+
+@dataclass
+class WatchdogRecovered:
+    """``{"watchdog":"recovered"}``: the keepalive is back; relays are as they were, and a
+    command written just before still runs (the gateway re-sends desired states anyway)."""
     line: str
 
 
@@ -117,7 +117,7 @@ def parse_line(raw: bytes | str) -> object:
             text = raw
         text = text.strip("\r\n\x00 \t")
         if not text:
-            return Bad("empty", "")
+            return Info("")             # the boot banner prints blank lines
         if "\x00" in text or any(ord(c) < 32 and c not in "\t" for c in text):
             return Bad("control_bytes", repr(text[:40]))
         if text.startswith("{"):
@@ -151,7 +151,7 @@ def _parse_json_line(text: str) -> object:
     if not isinstance(obj, dict):
         return Bad("bad_json", "not an object")
     if obj == {"watchdog": "recovered"}:
-        return BoardReset(text)
+        return WatchdogRecovered(text)
     if not obj:
         return Bad("bad_json", "empty object")
     reading = Reading(rooms=[])
@@ -175,7 +175,7 @@ def encode_command(actuator: str, state: str) -> bytes:
     if state not in STATES:
         raise ValueError(f"state must be ON or OFF, not {state!r}")
     line = json.dumps({"actuator": actuator, "state": state}, separators=(",", ":")).encode() + b"\n"
-    assert len(line) <= MAX_COMMAND
+    assert len(line) <= MAX_BOARD_COMMAND
     return line
 
 

@@ -18,7 +18,8 @@ import time
 import tty
 from pathlib import Path
 
-from mash.protocol import ACTUATORS, KEEPALIVE, encode_reading
+from mash.contract import ACTUATORS, KEEPALIVE
+from mash.protocol import encode_reading
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class SimulatedBoard:
         self.invalid_rooms: set[str] = set()
         self.refuse_next: str | None = None      # answer the next command with this line
         self.mute_next = 0                       # swallow this many commands without a reply
+        self.reply_delay = 0.0                   # s the loop blocks before a [CMD] reply (I2C)
         self._values = {"fruiting": [24.0, 85.0, 800.0], "spawning": [28.0, 72.0, 3000.0]}
         self._lock = threading.Lock()            # guards the fds
         self._write_lock = threading.Lock()      # one line at a time, like the firmware's loop
@@ -256,6 +258,8 @@ class SimulatedBoard:
             self._write(f"[ERROR] Unknown actuator: {actuator}\r\n".encode())
             return
         state = "ON" if state == "ON" else "OFF"
+        if self.reply_delay:
+            time.sleep(self.reply_delay)          # the firmware's loop is blocked meanwhile
         self.actuators[actuator] = state
         self._write(f"[CMD] Set {actuator} to {state}\r\n".encode())
 

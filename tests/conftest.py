@@ -7,7 +7,12 @@ import tempfile
 
 import pytest
 
-from mash.config import Settings
+from pathlib import Path
+
+from mash.config import Settings, resolve_queue_dir
+from mash import tasks
+from mash.models import Store
+from mash.tasks.context import WorkerContext
 from tests.services import Broker, DevServer, RTDBStandIn, make_service_account
 
 # No test reads the developer's own config/.env.
@@ -18,6 +23,19 @@ for key in list(os.environ):
 # mash.tasks builds its queue from MASH_DATA_DIR at import: keep that out of the checkout.
 os.environ["MASH_DATA_DIR"] = _session_dir = tempfile.mkdtemp(prefix="mash-tests-")
 atexit.register(shutil.rmtree, _session_dir, True)
+# Queues of the tests' gateways live in RAM (/dev/shm), one folder per data directory: those
+# made by this run are removed with it.
+_ram_queues = resolve_queue_dir(Path(_session_dir)).parent
+_ram_before = set(_ram_queues.iterdir()) if _ram_queues.is_dir() else set()
+
+
+def _remove_ram_queues():
+    if _ram_queues.is_dir() and _ram_queues.name.startswith("mash-"):
+        for d in set(_ram_queues.iterdir()) - _ram_before:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(_remove_ram_queues)
 
 
 @pytest.fixture
@@ -38,8 +56,9 @@ def make_settings(data_dir):
 
 @pytest.fixture
 def store(data_dir):
-    from mash.models import DatabaseManager
-    return DatabaseManager(data_dir / "mash.db")
+    s = Store(data_dir / "mash.db")
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")
@@ -96,26 +115,36 @@ def run_cli(tmp_path):
     def run(*args, env=None, timeout=60):
         full = {k: v for k, v in os.environ.items()}
         full.update(env or {})
-        return subprocess.run([sys.executable, "-m", "mash.cli", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "mash", *args], capture_output=True,
                               text=True, env=full, cwd=str(tmp_path), timeout=timeout)
     return run
 
 
+class ServedContext(WorkerContext):
+    """A worker context whose service (MQTT link, scheduler, live feed) a test starts."""
+    service = None
+
+    def start(self):
+        self.service = tasks.start_service(self)
+
+    def stop(self):
+        if self.service is not None:
+            self.service.stop()
+        elif self.mqtt is not None:
+            self.mqtt.disconnect()
+
+
 @pytest.fixture
 def gateway(make_settings, devserver, broker, rtdb):
-    """A worker runtime wired to every real sink, with Huey in immediate mode."""
-    from mash import tasks
-    from mash.tasks.runtime import Runtime
+    """A worker context wired to every real sink, with Huey in immediate mode."""
     settings = make_settings(**devserver.env(), **broker.env(),
                              FIREBASE_DATABASE_URL="https://mash-test.firebaseio.com",
                              FIREBASE_CREDENTIALS=str(rtdb.credentials))
     tasks.huey.immediate = True
-    rt = Runtime(settings)
-    tasks.set_runtime(rt)
-    rt.devserver, rt.rtdb, rt.broker = devserver, rtdb, broker
-    yield rt
-    rt.stop()
-    if rt.mqtt is not None:
-        rt.mqtt.disconnect()
-    tasks.set_runtime(None)
+    ctx = ServedContext(settings)
+    tasks.set_context(ctx)
+    ctx.devserver, ctx.rtdb, ctx.broker = devserver, rtdb, broker
+    yield ctx
+    ctx.stop()
+    tasks.set_context(None)
     tasks.huey.immediate = False

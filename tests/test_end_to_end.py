@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from mash.models import DatabaseManager, SensorData
+from mash.models import Store
 from mash.simulator import SimulatedBoard
 from tests.services import ROOT, wait_for
 
@@ -28,9 +28,9 @@ def test_board_to_cloud_and_command_back_with_real_processes(tmp_path, devserver
                                "-w", "2", "-k", "thread", "-d", "0.01", "-m", "0.1", "-f"],
                               env=env, cwd=str(tmp_path), stdout=logs, stderr=logs)
     try:
-        store = DatabaseManager(data / "mash.db")
+        store = Store(data / "mash.db")
         # readings reach the store and, live, the MQTT subscriber
-        wait_for(lambda: SensorData.select().count() >= 10, timeout=20, what="readings stored")
+        wait_for(lambda: store.m.SensorData.select().count() >= 10, timeout=20, what="readings stored")
         wait_for(lambda: len(observer.on(f"{DEVICE}/sensor_data")) >= 3, timeout=20, what="live MQTT")
         # the worker registered the device and ran its start-up sync; SYNC_INTERVAL is an
         # hour, so from here on only `mash sync` uploads
@@ -62,7 +62,7 @@ def test_board_to_cloud_and_command_back_with_real_processes(tmp_path, devserver
                                 cwd=str(tmp_path), capture_output=True, text=True, timeout=30)
         stats = json.loads(status.stdout)
         assert stats["pending_records"] == 0 and stats["backend_online"] and stats["mqtt_online"]
-        ours = {store.reading_id(r.id) for r in SensorData.select(SensorData.id)}
+        ours = {store.reading_id(r.id) for r in store.m.SensorData.select(store.m.SensorData.id)}
         theirs = devserver.state(DEVICE)["reading_ids"]
         assert len(theirs) == len(set(theirs)) and set(theirs) == ours
         wait_for(lambda: store.get_stats()["firebase_lag_records"] == 0, timeout=20, what="firebase")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mash.models import ActuatorState, Command, SensorData
+from mash.models import Store
 from mash.reader import Reader
 from mash.simulator import SimulatedBoard
 from tests.services import ROOT, wait_for
@@ -28,15 +28,15 @@ def start_reader(make_settings, board):
 
     def start(**attrs):
         settings = make_settings(SERIAL_PORT=board.port)
-        notes = []
-        r = Reader(settings, notify=notes.append)
-        r.notes = notes
+        r = Reader(settings)
         for k, v in attrs.items():
-            setattr(r, k, v)
+            setattr(r.board if hasattr(r.board, k) else r, k, v)
+        boots = board.boots
         t = threading.Thread(target=r.run, daemon=True)
         t.start()
         started.append((r, t))
         wait_for(lambda: r.connected_port, what="reader to open the port")
+        wait_for(lambda: board.boots > boots, what="the board's reset on open")   # as a real Arduino
         return r
     yield start
     for r, t in started:
@@ -50,8 +50,8 @@ def reading(seq):
             "spawning": {"temp": 28.0, "humidity": 70.0, "co2": 4600 - seq}}
 
 
-def rows():
-    return SensorData.select().count()
+def rows(store):
+    return store.m.SensorData.select().count()
 
 
 def test_reader_stores_every_line_kind_and_1000_readings_exactly_once(start_reader, board):
@@ -65,12 +65,13 @@ def test_reader_stores_every_line_kind_and_1000_readings_exactly_once(start_read
         board.inject(line + b"\r\n")
     for seq in range(1000):
         board.emit_reading(reading(seq))
-    wait_for(lambda: rows() >= 2001, timeout=60, what="1,000 readings stored")
+    wait_for(lambda: rows(r.store) >= 2001, timeout=60, what="1,000 readings stored")
     time.sleep(0.5)
-    assert rows() == 2001        # 1,000 lines x 2 rooms + the good room of the invalid_reading line
-    co2 = sorted(x.co2 for x in SensorData.select().where(SensorData.room == "fruiting"))
+    assert rows(r.store) == 2001        # 1,000 lines x 2 rooms + the good room of the invalid_reading line
+    S = r.store.m.SensorData
+    co2 = sorted(x.co2 for x in S.select().where(S.room == "fruiting"))
     assert co2 == list(range(400, 1400))
-    r._flush_counts()
+    r.flush_counts()
     counts = r.store.counters()
     for kind in ("invalid_reading", "not_a_number", "not_utf8", "truncated", "too_long", "unexpected_reply"):
         assert counts.get(f"bad_line.{kind}", 0) >= 1, kind
@@ -84,7 +85,7 @@ def test_reader_reopens_after_unplug_and_restores_relays(start_reader, board):
     r.store.set_desired("MIST_MAKER", "ON")
     r.store.set_desired("FRUITING_LED", "ON")
     board.emit_reading(reading(1))
-    wait_for(lambda: rows() == 2, what="first reading")
+    wait_for(lambda: rows(r.store) == 2, what="first reading")
     board.unplug()
     time.sleep(1.0)
     t0 = time.monotonic()
@@ -92,7 +93,7 @@ def test_reader_reopens_after_unplug_and_restores_relays(start_reader, board):
     wait_for(lambda: board.actuators["MIST_MAKER"] == "ON" and board.actuators["FRUITING_LED"] == "ON",
              timeout=5, what="desired states re-sent after the banner")
     board.emit_reading(reading(2))
-    wait_for(lambda: rows() == 4, timeout=5, what="readings after replug")
+    wait_for(lambda: rows(r.store) == 4, timeout=5, what="readings after replug")
     assert time.monotonic() - t0 < 5
 
 
@@ -101,6 +102,38 @@ def test_reader_resends_desired_state_after_watchdog_recovery(start_reader, boar
     r.store.set_desired("HUMIDIFIER_FAN", "ON")
     board.inject(b'{"watchdog":"recovered"}\r\n')
     wait_for(lambda: board.actuators["HUMIDIFIER_FAN"] == "ON", what="relay restored")
+
+
+def test_watchdog_recovery_keeps_waiting_for_the_command_it_did_not_reset(start_reader, board):
+    """After a watchdog recovery the relays are as they were and a command written just
+    before still runs: its reply is awaited, not written again."""
+    r = start_reader()
+    board.reply_delay = 1.0                    # a slow I2C read on the board
+    r.store.add_command("wd-1", "set_actuator", {"actuator": "FRUITING_LED", "state": "ON"}, "mqtt")
+    wait_for(lambda: board.received.count(b'{"actuator":"FRUITING_LED","state":"ON"}') == 1,
+             what="command written")
+    board.inject(b'{"watchdog":"recovered"}\r\n')
+    wait_for(lambda: r.store.command("wd-1").status == "completed", what="the reply")
+    assert board.received.count(b'{"actuator":"FRUITING_LED","state":"ON"}') == 1
+    assert r.store.command("wd-1").attempts == 1
+
+
+def test_a_reply_slower_than_two_seconds_is_waited_for_not_written_again(start_reader, board):
+    """CONTRACT §1: a [CMD] reply can take ~7 s while a sensor read blocks the board."""
+    r = start_reader()
+    assert r.board.ACK_TIMEOUT >= 7
+    board.reply_delay = 3.0
+    r.store.add_command("slow-1", "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"}, "mqtt")
+    wait_for(lambda: r.store.command("slow-1").status == "completed", timeout=10, what="the reply")
+    assert board.received.count(b'{"actuator":"MIST_MAKER","state":"ON"}') == 1
+
+
+def test_boot_information_lines_are_not_counted_as_bad(start_reader, board):
+    r = start_reader()
+    board.inject(b"\r\n  Mushroom Automation Smart Home\r\n[INIT] sensors\r\n[WDT] armed 8s\r\n\r\n")
+    board.emit_reading(reading(1))
+    wait_for(lambda: rows(r.store) == 2, what="reading after the banner")
+    assert not any(k.startswith("bad_line.") for k in r.store.counters()) and not r.bad_counts
 
 
 def test_reader_reconnects_when_the_board_goes_silent(start_reader, board):
@@ -118,35 +151,36 @@ def test_reader_writes_keepalive_when_idle(start_reader, board):
 def test_set_actuator_in_the_ledger_reaches_the_board_and_completes(start_reader, board):
     r = start_reader()
     r.store.add_command("cmd-1", "set_actuator", {"actuator": "mist_maker", "state": "on"}, "mqtt")
-    wait_for(lambda: Command.get(Command.command_id == "cmd-1").status == "completed", what="completed")
+    wait_for(lambda: r.store.command("cmd-1").status == "completed", what="completed")
     assert board.received[-1] == b'{"actuator":"MIST_MAKER","state":"ON"}'
-    cmd = Command.get(Command.command_id == "cmd-1")
+    cmd = r.store.command("cmd-1")
     assert json.loads(cmd.response)["board"] == "[CMD] Set MIST_MAKER to ON"
-    assert ActuatorState.get_by_id("MIST_MAKER").desired == "ON"
-    assert "acks" in r.notes
+    assert r.store.desired_states()["MIST_MAKER"] == "ON"
+    assert [o.ref for o in r.store.owed("backend")] == ["cmd-1"]     # the ack is owed to both sinks
+    assert [o.ref for o in r.store.owed("mqtt")] == ["cmd-1"]
 
 
 def test_board_error_reply_marks_the_command_failed_with_the_reason(start_reader, board):
     r = start_reader()
     board.refuse_next = "[ERROR] Invalid JSON command format. Missing 'actuator' or 'state'."
     r.store.add_command("cmd-2", "set_actuator", {"actuator": "FRUITING_LED", "state": "ON"}, "backend")
-    wait_for(lambda: Command.get(Command.command_id == "cmd-2").status == "failed", what="failed")
-    cmd = Command.get(Command.command_id == "cmd-2")
+    wait_for(lambda: r.store.command("cmd-2").status == "failed", what="failed")
+    cmd = r.store.command("cmd-2")
     assert "Invalid JSON command format" in cmd.reason
-    assert ActuatorState.get_or_none(ActuatorState.actuator == "FRUITING_LED") is None
+    assert "FRUITING_LED" not in r.store.desired_states()
 
 
 def test_unanswered_command_is_retried_then_failed(start_reader, board):
     r = start_reader(ACK_TIMEOUT=0.3)
     board.mute_next = 1                       # the first write is lost; the retry is answered
     r.store.add_command("cmd-3", "set_actuator", {"actuator": "FRUITING_LED", "state": "ON"}, "mqtt")
-    wait_for(lambda: Command.get(Command.command_id == "cmd-3").status == "completed", what="retried")
-    assert Command.get(Command.command_id == "cmd-3").attempts == 1
+    wait_for(lambda: r.store.command("cmd-3").status == "completed", what="retried")
+    assert r.store.command("cmd-3").attempts == 1
     assert board.received.count(b'{"actuator":"FRUITING_LED","state":"ON"}') == 2
     board.mute_next = 10
     r.store.add_command("cmd-4", "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"}, "mqtt")
-    wait_for(lambda: Command.get(Command.command_id == "cmd-4").status == "failed", timeout=5, what="failed")
-    assert "no reply" in Command.get(Command.command_id == "cmd-4").reason
+    wait_for(lambda: r.store.command("cmd-4").status == "failed", timeout=5, what="failed")
+    assert "no reply" in r.store.command("cmd-4").reason
 
 
 def test_expired_command_never_reaches_the_board(start_reader, board):
@@ -155,7 +189,7 @@ def test_expired_command_never_reaches_the_board(start_reader, board):
     past = dt.datetime.utcnow() - dt.timedelta(seconds=5)
     r.store.add_command("cmd-5", "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"}, "mqtt",
                         expires_at=past)
-    wait_for(lambda: Command.get(Command.command_id == "cmd-5").status == "failed", what="expired")
+    wait_for(lambda: r.store.command("cmd-5").status == "failed", what="expired")
     assert b'{"actuator":"MIST_MAKER","state":"ON"}' not in board.received
 
 
@@ -167,9 +201,8 @@ def test_reader_process_kill_9_loses_no_committed_reading(tmp_path, data_dir, bo
         return subprocess.Popen([sys.executable, str(ROOT / "reader.py")], env=env, stdout=log,
                                 stderr=log, cwd=str(tmp_path))
 
-    from mash.models import DatabaseManager
     proc = spawn()
-    store = DatabaseManager(data_dir / "mash.db")
+    store = Store(data_dir / "mash.db")
     stop = threading.Event()
 
     def stream():
@@ -182,25 +215,25 @@ def test_reader_process_kill_9_loses_no_committed_reading(tmp_path, data_dir, bo
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     try:
-        wait_for(lambda: rows() >= 200, timeout=20, what="readings before the kill")
+        wait_for(lambda: rows(store) >= 200, timeout=20, what="readings before the kill")
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
-        before = {(x.id, x.room, x.co2, x.timestamp) for x in SensorData.select()}
+        before = {(x.id, x.room, x.co2, x.timestamp) for x in store.m.SensorData.select()}
         assert before
         proc = spawn()
         n = len(before)
-        wait_for(lambda: rows() >= n + 200, timeout=20, what="readings after the restart")
+        wait_for(lambda: rows(store) >= n + 200, timeout=20, what="readings after the restart")
     finally:
         stop.set()
         t.join(5)
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
-    after = {(x.id, x.room, x.co2, x.timestamp) for x in SensorData.select()}
+    after = {(x.id, x.room, x.co2, x.timestamp) for x in store.m.SensorData.select()}
     assert before <= after                           # every committed reading survived
-    ids = [x.id for x in SensorData.select(SensorData.id)]
+    ids = [x.id for x in store.m.SensorData.select(store.m.SensorData.id)]
     assert len(ids) == len(set(ids))
     pairs = {}
-    for x in SensorData.select():
+    for x in store.m.SensorData.select():
         pairs.setdefault(x.timestamp, []).append(x.room)
     assert all(sorted(v) == ["fruiting", "spawning"] for v in pairs.values())   # no half line
     assert proc.returncode == 0

@@ -8,10 +8,12 @@ import pytest
 from huey.exceptions import RetryTask
 
 from mash import tasks
+from mash.clock import utcnow
 from mash.cloud.backend_api import RetryableError
-from mash.commands import intake
-from mash.models import Command, SensorData, db, utcnow
-from mash.tasks import jobs
+from mash.tasks import delivery, status, sync
+from mash.tasks.context import WorkerContext
+from mash.tasks.intake import intake, poll_commands
+from mash.tasks.queue import run_job
 from tests.services import wait_for
 
 DEVICE = "rpi_gateway_001"
@@ -28,9 +30,9 @@ def add_backlog(store, lines, start=None):
                          timestamp=ts, fb_key=key))
         rows.append(dict(room="spawning", temperature=28.0, humidity=70.0, co2=900 + i % 100,
                          timestamp=ts, fb_key=key))
-    with db.atomic():
+    with store.transaction():
         for k in range(0, len(rows), 400):
-            SensorData.insert_many(rows[k:k + 400]).execute()
+            store.m.SensorData.insert_many(rows[k:k + 400]).execute()
 
 
 def backend_ids(devserver):
@@ -45,7 +47,8 @@ def test_backlog_of_10000_readings_drains_in_one_sync_run(gateway):
     assert gateway.store.pending_count() == 0
     ids = backend_ids(gateway.devserver)
     assert len(ids) == 10000 == len(set(ids))
-    expected = {gateway.store.reading_id(r.id) for r in SensorData.select(SensorData.id)}
+    S = gateway.store.m.SensorData
+    expected = {gateway.store.reading_id(r.id) for r in S.select(S.id)}
     assert set(ids) == expected
     print(f"drained 10,000 readings in {took:.2f} s ({10000 / took:.0f} readings/s)")
 
@@ -54,13 +57,14 @@ def test_a_503_mid_drain_leaves_only_the_failed_batch_and_a_retry_finishes_it(ga
     gateway.settings = gateway.settings.with_(batch_size=100)
     add_backlog(gateway.store, 100)          # 200 readings: 2 batches of 100 (no large-backlog mode)
     gateway.store.pending_count()
-    jobs.ensure_registered(gateway)
+    sync.ensure_registered(gateway)
     gateway.devserver.faults(fail_next=1, fail_after=0)
     with pytest.raises(RetryableError):
-        jobs.sync_readings(gateway)
-    pending = SensorData.select().where(SensorData.synced == 0)
+        sync.sync_readings(gateway)
+    S = gateway.store.m.SensorData
+    pending = S.select().where(S.synced == 0)
     assert pending.count() == 100 and [r.id for r in pending] == list(range(1, 101))
-    assert jobs.sync_readings(gateway) == 100      # the retry
+    assert sync.sync_readings(gateway) == 100      # the retry
     assert gateway.store.pending_count() == 0
     assert len(backend_ids(gateway.devserver)) == 200
 
@@ -78,36 +82,35 @@ def test_huey_retries_a_failed_sync_with_backoff(gateway):
 
 def test_429_becomes_a_retry_after_exactly_retry_after(gateway, devserver_factory):
     add_backlog(gateway.store, 600)
-    jobs.ensure_registered(gateway)
+    sync.ensure_registered(gateway)
     gateway.devserver.faults(rate_limit=2, rate_window=3)
     with pytest.raises(RetryTask) as err:
-        tasks._run("sync_readings")
+        run_job(sync.sync_readings, gateway)
     assert err.value.delay >= 1
     assert gateway.store.pending_count() == 1200 - 2 * 500
 
 
 def test_an_expired_access_token_mid_drain_costs_no_batch(make_settings, devserver_factory, store):
-    from mash.tasks.runtime import Runtime
     server = devserver_factory(access_ttl=1, refresh_ttl=3)
-    rt = Runtime(make_settings(**server.env(), BATCH_SIZE="20"), store=store)
+    rt = WorkerContext(make_settings(**server.env(), BATCH_SIZE="20"), store=store)
     rt.drain_batch = 20
     add_backlog(store, 300)
-    jobs.ensure_registered(rt)
+    sync.ensure_registered(rt)
     server.faults(latency=0.1)                  # 30 batches of 20, ~10 a second: tokens die mid-drain
     t0 = time.monotonic()
-    assert jobs.sync_readings(rt) == 600        # one run, no batch lost or refused
+    assert sync.sync_readings(rt) == 600        # one run, no batch lost or refused
     assert time.monotonic() - t0 > 3
-    assert SensorData.select().where(SensorData.synced == -1).count() == 0
+    assert store.m.SensorData.select().where(store.m.SensorData.synced == -1).count() == 0
     assert len(backend_ids(server)) == 600
 
 
 def test_a_permanent_error_is_recorded_and_does_not_block_what_is_behind(gateway):
     gateway.settings = gateway.settings.with_(batch_size=10)
     add_backlog(gateway.store, 15)
-    SensorData.update(room="cellar").where(SensorData.id == 12).execute()   # the backend refuses it
-    jobs.sync_readings(gateway)
-    assert SensorData.select().where(SensorData.synced == -1).count() == 10
-    assert SensorData.select().where(SensorData.synced == 1).count() == 20
+    gateway.store.m.SensorData.update(room="cellar").where(gateway.store.m.SensorData.id == 12).execute()   # the backend refuses it
+    sync.sync_readings(gateway)
+    assert gateway.store.m.SensorData.select().where(gateway.store.m.SensorData.synced == -1).count() == 10
+    assert gateway.store.m.SensorData.select().where(gateway.store.m.SensorData.synced == 1).count() == 20
     assert "room must be one of" in gateway.store.meta_get("last_rejection")["reason"]
     assert gateway.store.get_stats()["rejected_records"] == 10
 
@@ -116,8 +119,8 @@ def test_firebase_backup_has_its_own_progress_and_never_holds_back_the_backend(g
     add_backlog(gateway.store, 30)
     gateway.rtdb.stop()                                          # Firebase away
     with pytest.raises(RetryableError):
-        jobs.backup_firebase(gateway)
-    assert jobs.sync_readings(gateway) == 60                     # the backend is not held back
+        sync.backup_firebase(gateway)
+    assert sync.sync_readings(gateway) == 60                     # the backend is not held back
     assert gateway.store.get_stats()["firebase_lag_records"] == 60
     from tests.services import RTDBStandIn
     import os
@@ -126,8 +129,8 @@ def test_firebase_backup_has_its_own_progress_and_never_holds_back_the_backend(g
     try:
         from mash.cloud.firebase import FirebaseSync
         gateway.firebase = FirebaseSync(gateway.settings)
-        assert jobs.backup_firebase(gateway) == 60
-        assert jobs.backup_firebase(gateway) == 0
+        assert sync.backup_firebase(gateway) == 60
+        assert sync.backup_firebase(gateway) == 0
         tree = rtdb.tree["sensor_data"]
         assert len(tree["fruiting"]) == 30 and len(tree["spawning"]) == 30
         assert len(rtdb.writes()) == 1
@@ -143,12 +146,12 @@ def test_a_duplicate_command_id_from_both_channels_runs_once(gateway, observer):
                                   id="dup-1")
     observer.publish(f"devices/{DEVICE}/commands", {"id": "dup-1", "command": "set_actuator",
                                                      "parameters": cmd["parameters"]})
-    wait_for(lambda: Command.select().where(Command.command_id == "dup-1").exists(), what="ledger")
-    assert jobs.poll_commands(gateway) == 0
+    wait_for(lambda: gateway.store.m.Command.select().where(gateway.store.m.Command.command_id == "dup-1").exists(), what="ledger")
+    assert poll_commands(gateway) == 0
     observer.publish(f"devices/{DEVICE}/commands", {"id": "dup-1", "command": "set_actuator",
                                                      "parameters": cmd["parameters"]})
     wait_for(lambda: gateway.store.counters().get("command.duplicate", 0) >= 2, what="duplicates counted")
-    assert Command.select().where(Command.command_id == "dup-1").count() == 1
+    assert gateway.store.m.Command.select().where(gateway.store.m.Command.command_id == "dup-1").count() == 1
 
 
 def test_rejected_commands_are_acked_failed_with_the_reason(gateway, observer):
@@ -171,6 +174,10 @@ def test_rejected_commands_are_acked_failed_with_the_reason(gateway, observer):
     for raw in (b"not json", b"[1,2]", json.dumps({"command": "REQUEST_STATUS"}).encode(),
                 json.dumps({"id": 7, "command": "REQUEST_STATUS"}).encode()):
         observer.publish(f"devices/{DEVICE}/commands", raw)
+    # over 256 KiB: not parsed whole, but its id is read and it is acknowledged failed
+    observer.publish(f"devices/{DEVICE}/commands", json.dumps(
+        {"id": "c-huge", "command": "REQUEST_STATUS", "parameters": {"pad": "x" * 300_000}}).encode())
+    cases["c-huge"] = ({}, "oversize")
     wait_for(lambda: len(observer.on("/command_ack")) >= len(cases), timeout=15, what="failed acks")
     acks = {a["id"]: a for a in observer.on("/command_ack")}
     for cid, (_, reason) in cases.items():
@@ -178,10 +185,11 @@ def test_rejected_commands_are_acked_failed_with_the_reason(gateway, observer):
     counters = gateway.store.counters()
     assert counters["bad_command.bad_json"] == 1 and counters["bad_command.not_object"] == 1
     assert counters["bad_command.no_usable_id"] == 2
-    assert not Command.select().where(Command.status.in_(["queued", "running"])).exists()
+    assert not gateway.store.m.Command.select().where(gateway.store.m.Command.status.in_(["queued", "running"])).exists()
     # backend side: unknown to the backend, so its 404 is recorded, not retried
-    wait_for(lambda: not gateway.store.unacked_commands("backend"), what="backend acks")
-    assert all("404" in (c.backend_ack_error or "") for c in Command.select())
+    wait_for(lambda: not gateway.store.owed("backend"), what="backend acks")
+    O = gateway.store.m.Outbox
+    assert all("404" in (o.error or "") for o in O.select().where(O.sink == "backend"))
 
 
 def test_worker_commands_request_status_force_sync_configure(gateway, observer):
@@ -198,7 +206,7 @@ def test_worker_commands_request_status_force_sync_configure(gateway, observer):
     assert gateway.store.meta_get("configuration") == {"thresholds": {"fruiting": {"temp_max": 27}},
                                                        "sync_interval": 30}
     assert gateway.intervals["sync"] == 30
-    status = json.loads(Command.get(Command.command_id == "s1").response)["stats"]
+    status = json.loads(gateway.store.m.Command.get(gateway.store.m.Command.command_id == "s1").response)["stats"]
     assert status["pending_records"] == 10
     wait_for(lambda: {a["id"] for a in observer.on("/command_ack")} >= {"s1", "s2", "s3", "s4"},
              what="acks")
@@ -212,10 +220,10 @@ def test_alerts_are_delivered_once_per_sink(gateway, observer):
                                          "fruiting co2 1600 ppm is above 1500 ppm"),
                               AlertEvent("high_co2", "CRITICAL", "fruiting", 1400, 1500, "cleared",
                                          "fruiting co2 back to 1400 ppm")])
-    tasks.deliver_alerts()
-    wait_for(lambda: not gateway.store.undelivered_alerts("mqtt"), what="PUBACKs")
-    tasks.deliver_alerts()
-    jobs.deliver_alerts(gateway)
+    tasks.deliver()
+    wait_for(lambda: not gateway.store.owed("mqtt"), what="PUBACKs")
+    tasks.deliver()
+    delivery.deliver_owed(gateway)
     time.sleep(0.5)
     backend = gateway.devserver.state()["alerts"]
     assert [(a["eventType"], a["severity"]) for a in backend] == [("high_co2", "CRITICAL"),
@@ -230,7 +238,7 @@ def test_heartbeat_registers_then_reports_status_everywhere(gateway, observer):
     gateway.start()
     wait_for(gateway.mqtt.is_alive, what="MQTT up")
     add_backlog(gateway.store, 3)
-    stats = jobs.heartbeat(gateway)
+    stats = status.heartbeat(gateway)
     device = gateway.devserver.state()["devices"][0]
     assert device["serialNumber"] == DEVICE and device["status"] == "ONLINE"
     assert device["metadata"]["pending_records"] == 6 == stats["pending_records"]

@@ -8,20 +8,20 @@ log failures; the lower-level ones raise.
 """
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
+import itertools
 import logging
 import threading
 import time
-import uuid
 
 import jwt
 import requests
 
 from mash.cloud.errors import (AuthError, BackendError, NotConfigured, PermanentError,  # noqa: F401
                                RetryableError)
+from mash import ids
+from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
-from mash.models import iso, utcnow
+from mash.contract import ROOMS
 
 log = logging.getLogger("mash.backend")
 
@@ -74,6 +74,8 @@ class BackendAPIClient:
         self._blocked_until = 0.0      # monotonic; set by a 429
         self._online: bool | None = None
         self._registered = False          # send_sensor_data registers once per client
+        self._uid = ids.new_uid()             # reading ids of readings never stored
+        self._seq = itertools.count(1)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -271,26 +273,30 @@ class BackendAPIClient:
     def send_sensor_data(self, data: dict) -> bool:
         """Upload one reading line (``{"fruiting": {...}, "timestamp": epoch}``).
 
-        Reading ids are derived from device, room and timestamp, so sending the same
-        reading twice stores it once."""
+        Reading ids follow the one scheme (``mash.ids``): the ids the store gave this
+        reading (``data["reading_ids"]``, set by ``save_sensor_data``), so a reading stored
+        and also sent here reaches the backend once; a reading never stored gets this
+        client's own uid and a counter."""
         ts = data.get("timestamp")
-        when = utcnow() if not isinstance(ts, (int, float)) else \
-            dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
-        stamp = iso(when)
+        stamp = iso(from_epoch(ts) if isinstance(ts, (int, float)) else utcnow())
+        known = data.get("reading_ids") if isinstance(data.get("reading_ids"), dict) else {}
         readings = []
-        for room, v in data.items():
-            if room == "timestamp" or not isinstance(v, dict):
+        for room in ROOMS:
+            v = data.get(room)
+            if not isinstance(v, dict):
                 continue
-            rid = hashlib.sha1(f"{self.settings.device_id}|{room}|{stamp}".encode()).hexdigest()[:24]
+            rid = known.get(room) or ids.reading_id(self._uid, next(self._seq))
             readings.append({"id": rid, "room": room, "temperature": v.get("temp"),
-                             "humidity": v.get("humidity"), "co2": v.get("co2"), "timestamp": stamp})
+                             "humidity": v.get("humidity"), "co2": v.get("co2"),
+                             "timestamp": stamp})
         if not readings:
             return False
         try:
             if not self._registered:
                 self.register_device()
                 self._registered = True
-            self.upload_readings(readings, key=uuid.uuid4().hex)
+            key = ids.batch_key([r["id"] for r in readings])
+            self.upload_readings(readings, key=key)
             return True
         except BackendError as exc:
             log.warning("sensor upload failed: %s", exc)

@@ -12,6 +12,8 @@ import itertools
 import logging
 import os
 
+from mash import ids
+from mash.clock import from_epoch
 from mash.config import Settings
 
 log = logging.getLogger("mash.firebase")
@@ -24,11 +26,11 @@ class FirebaseError(Exception):
     """Writing to Firebase failed; worth retrying later."""
 
 
-def reading_key(timestamp) -> str:
-    """``YYYY-MM-DDTHH-MM-SS`` (UTC) from a datetime or epoch seconds."""
+def reading_key(timestamp, previous: str | None = None) -> str:
+    """The reading's key (``mash.ids.firebase_key``) from a datetime or epoch seconds."""
     if isinstance(timestamp, (int, float)):
-        timestamp = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
-    return timestamp.strftime("%Y-%m-%dT%H-%M-%S")
+        timestamp = from_epoch(timestamp)
+    return ids.firebase_key(timestamp, previous)
 
 
 class FirebaseSync:
@@ -76,9 +78,11 @@ class FirebaseSync:
         """One multi-path update for the whole batch; raises FirebaseError."""
         if not self.is_initialized:
             return 0
-        updates = {}
+        updates, last = {}, {}
         for r in readings:
-            key = r.get("key") or reading_key(r.get("timestamp") or dt.datetime.now(dt.timezone.utc))
+            key = r.get("key") or reading_key(r.get("timestamp") or dt.datetime.now(dt.timezone.utc),
+                                              last.get(r["room"]))
+            last[r["room"]] = key
             updates[f"sensor_data/{r['room']}/{key}"] = {
                 "temperature": r.get("temperature", r.get("temp")),
                 "humidity": r.get("humidity"), "co2": r.get("co2")}

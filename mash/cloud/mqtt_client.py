@@ -17,13 +17,11 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from mash.clock import iso, utcnow
 from mash.config import Settings
-from mash.models import iso, utcnow
+from mash.contract import MAX_PARSE_BYTES, ROOMS
 
 log = logging.getLogger("mash.mqtt")
-
-MAX_PAYLOAD = 256 * 1024      # larger command payloads are not even parsed
-
 
 def _nothing() -> None:
     pass
@@ -143,7 +141,7 @@ class MQTTClient:
             if self._raw_callback:
                 callback(msg.payload)
                 return
-            if len(msg.payload) > MAX_PAYLOAD:
+            if len(msg.payload) > MAX_PARSE_BYTES:
                 raise ValueError("payload too large")
             cmd = json.loads(msg.payload)
             if not isinstance(cmd, dict):
@@ -206,7 +204,7 @@ class MQTTClient:
     def publish_sensor_data(self, data: dict, reading_id: str | None = None, on_confirm=None) -> bool:
         payload = {"deviceId": self.device_id, "readingId": reading_id,
                    "timestamp": data.get("timestamp", time.time())}
-        payload.update({room: v for room, v in data.items() if isinstance(v, dict)})
+        payload.update({room: data[room] for room in ROOMS if isinstance(data.get(room), dict)})
         return self.publish("sensor_data", payload, on_confirm=on_confirm)
 
     def publish_status(self, status: str = "online", on_confirm=None, **stats) -> bool:

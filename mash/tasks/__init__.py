@@ -1,206 +1,172 @@
 """The Huey queue and the worker's tasks: ``huey_consumer mash.tasks.huey`` runs them.
 
-``SqliteHuey`` on its own file in MASH_DATA_DIR; SQLite is the only channel between the reader
-and the worker. Retryable cloud failures are re-raised for Huey's ``retries``/``retry_backoff``
-(a 429 becomes a ``RetryTask`` after exactly its Retry-After); the jobs themselves are in
-``jobs`` and the shared clients in ``runtime``. Starting the consumer starts the runtime
-(scheduler, live feed, MQTT) once per process.
+By concern:
+- ``queue``: builds the SqliteHuey, the consumer settings, failures -> retries;
+- ``context``: the store and the cloud clients the tasks share in one process;
+- ``sync``: readings to the backend (drain) and to Firebase (backup);
+- ``delivery``: alerts and command outcomes from the outbox to both sinks;
+- ``intake``: commands in from the backend poll and MQTT; ``status``: the heartbeat;
+- ``schedule``: the second-resolution scheduler; ``live``: the live MQTT feed;
+- ``service``: those threads started and stopped together; ``manager``: the guide's
+  sync manager over all of this.
+
+Importing this module reads only where the queue lives (``MASH_DATA_DIR``,
+``MASH_QUEUE_DIR``); the settings are read when the worker starts, so a bad one is reported
+by the worker (one line, exit code 2), not by whoever imported the module.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
-import time
+from pathlib import Path
 
-from huey import SqliteHuey
-from huey.exceptions import RetryTask, TaskLockedException
-
-from mash.cloud.errors import RetryableError
-from mash.config import ConfigError, Settings
-
-# The jobs and the runtime (and with them requests, paho, firebase) load on first use, so a
-# process that only enqueues (the reader, `mash sync`) stays small.
+from mash.config import ConfigError, Settings, environment, queue_path_from
+from mash.logs import setup_logging
+from mash.tasks import delivery, intake, status, sync
+from mash.tasks.context import WorkerContext
+from mash.tasks.queue import make_huey, run_job
+from mash.tasks.schedule import Periodic
+from mash.tasks.service import WorkerService
 
 log = logging.getLogger("mash.worker")
 
-try:
-    settings = Settings.load()
-except ConfigError as exc:           # under huey_consumer: one line, exit 2
-    print(exc, file=sys.stderr)
-    sys.exit(2)
+huey = make_huey(queue_path_from(environment()))
 
-settings.data_dir.mkdir(parents=True, exist_ok=True)
-# results=False: nothing reads task results, and each stored result is another write.
-huey = SqliteHuey("mash", filename=str(settings.queue_path), results=False, utc=True)
-
-# Created at import so the consumer's flush_locks (python worker.py, huey_consumer -f) knows
-# them: a kill -9 mid-task must not leave a lock that blocks the next run. (SqliteHuey has no
-# lock TTLs, so -f matters.)
-_locks = {name: huey.lock_task(name) for name in
-          ("sync_readings", "backup_firebase", "deliver_acks", "deliver_alerts")}
-
-_runtime = None
-_runtime_lock = threading.Lock()
+_context: WorkerContext | None = None
+_service: WorkerService | None = None
+_lifecycle = threading.RLock()
+_locks_flushed = False
 
 
-def current_runtime():
-    """This process's runtime, created on first use from the environment's settings."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            from mash.tasks.runtime import Runtime
-            _runtime = Runtime(settings)
-        return _runtime
+def current_context() -> WorkerContext:
+    """This process's context, built from the environment's settings on first use."""
+    global _context
+    with _lifecycle:
+        if _context is None:
+            _context = WorkerContext(Settings.load())
+        return _context
 
 
-def set_runtime(rt) -> None:
-    """Use ``rt`` for the tasks in this process (the sync manager and the tests do)."""
-    global _runtime
-    with _runtime_lock:
-        _runtime = rt
+def set_context(ctx: WorkerContext | None) -> None:
+    """Use ``ctx`` for the tasks in this process (the sync manager and the tests do)."""
+    global _context
+    with _lifecycle:
+        _context = ctx
 
 
 def use_queue_file(path) -> None:
-    """Point the queue at another file (the sync manager's in-process consumer)."""
+    """Point the queue at another file (a sync manager whose settings name another one)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     huey.storage_kwargs["filename"] = str(path)
     huey.storage = huey.create_storage()
 
 
-@huey.on_startup()
-def _start_runtime() -> None:
-    from mash.logs import setup_logging
-    setup_logging(settings.log_level)    # under a bare huey_consumer too
-    current_runtime().start()
+def _job(fn, lock: bool = True, **retry):
+    """A Huey task (named as ``fn``) that runs ``fn(context)`` under its own task lock, with
+    cloud failures turned into retries."""
+    task_lock = huey.lock_task(fn.__name__) if lock else None
+
+    def run():
+        ctx = current_context()
+        if task_lock is None:
+            return run_job(fn, ctx)
+        with task_lock:
+            return run_job(fn, ctx)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return huey.task(name=fn.__name__, **retry)(run)
 
 
-@huey.on_shutdown()
-def _stop_runtime() -> None:
-    with _runtime_lock:
-        rt = _runtime
-    if rt is not None:
-        rt.stop()
+sync_readings = _job(sync.sync_readings, retries=4, retry_delay=5, retry_backoff=2)
+backup_firebase = _job(sync.backup_firebase, retries=4, retry_delay=5, retry_backoff=2)
+poll_commands = _job(intake.poll_commands)        # its next interval is its retry
+heartbeat = _job(status.heartbeat)
+
+_deliver_lock = huey.lock_task("deliver")
 
 
-def _run(name: str):
-    from mash.tasks import jobs
-    job = getattr(jobs, name)
-    try:
-        return job(current_runtime())
-    except RetryableError as exc:
-        if exc.retry_after:
-            log.info("%s waits %.0f s as the backend asked (429)", job.__name__, exc.retry_after)
-            raise RetryTask(delay=exc.retry_after) from exc
-        raise
+def _deliver(ctx) -> int:
+    return delivery.sweep(ctx, _deliver_lock)
 
 
-@huey.task(retries=4, retry_delay=5, retry_backoff=2, name="sync_readings")
-def sync_readings():
-    """Drain the backlog to the backend. Never two at once."""
-    with _locks["sync_readings"]:
-        return _run("sync_readings")
-
-
-@huey.task(retries=4, retry_delay=5, retry_backoff=2, name="backup_firebase")
-def backup_firebase():
-    with _locks["backup_firebase"]:
-        return _run("backup_firebase")
-
-
-# Set when a delivery is asked for while one is running in this process: the running sweep
-# goes round once more, so nothing waits for the next periodic sweep.
-_again = {name: threading.Event() for name in ("deliver_acks", "deliver_alerts")}
-
-
-def _deliver(name):
-    """Deliveries are sweeps: if one is running, it also picks up what this run was asked
-    for (it repeats while a pass delivers something or another run was asked for), so skip
-    instead of waiting for the lock."""
-    lock = _locks[name]
-    if lock.is_locked():
-        _again[name].set()
-        return 0
-    with lock:
-        total = 0
-        for _ in range(20):
-            _again[name].clear()
-            done = _run(name)
-            total += done
-            if not done and not _again[name].is_set():
-                break
-        return total
-
-
-@huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_acks")
-def deliver_acks():
-    return _deliver("deliver_acks")
-
-
-@huey.task(retries=6, retry_delay=2, retry_backoff=2, name="deliver_alerts")
-def deliver_alerts():
-    return _deliver("deliver_alerts")
-
-
-@huey.task(name="poll_commands")
-def poll_commands():
-    return _run("poll_commands")
-
-
-@huey.task(name="heartbeat")
-def heartbeat():
-    return _run("heartbeat")
+deliver = huey.task(name="deliver", retries=6, retry_delay=2, retry_backoff=2)(
+    lambda: run_job(_deliver, current_context()))
 
 
 @huey.task(name="force_sync")
 def force_sync():
     """``mash sync``: upload, back up and deliver everything now."""
-    rt = current_runtime()
-    rt.store.meta_set("force_sync_requested", time.time())
     sync_readings()
     backup_firebase()
-    deliver_acks()
-    deliver_alerts()
+    deliver()
 
 
-def enqueue_sync(rt) -> None:
-    """The scheduler's periodic sync: enqueue only when there is something to send."""
-    if rt.backend is not None and rt.store.pending_count() and not _locks["sync_readings"].is_locked():
-        sync_readings()
-    if rt.firebase is not None and rt.store.last_reading_id() > rt.store.sink("firebase").progress \
-            and not _locks["backup_firebase"].is_locked():
-        backup_firebase()
+def busy(name: str, running: bool = True) -> bool:
+    """Is a run of ``name`` queued, waiting for a retry, or (with ``running``) running?
+    (Reads the queue.)"""
+    if running and huey.is_locked(name):
+        return True
+    return any(t.name == name for t in huey.pending()) or \
+        any(t.name == name for t in huey.scheduled())
 
 
-def cli_sync(wait: bool = False, timeout: float = 3600.0, out=sys.stderr) -> int:
-    """``mash sync [--wait]``: enqueue a forced sync; with wait, show the drain's progress."""
-    from mash.models import DatabaseManager
-    store = DatabaseManager(settings.db_path)
-    start_pending = store.pending_count()
-    force_sync()
-    print(f"sync enqueued ({start_pending} readings pending)", file=out, flush=True)
-    if not wait:
-        return 0
-    t0 = time.monotonic()
-    while True:
-        pending = store.pending_count()
-        done = max(0, start_pending - pending)
-        elapsed = time.monotonic() - t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = pending / rate if rate > 0 else float("inf")
-        frac = done / start_pending if start_pending else 1.0
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        eta_text = f"{eta:.0f} s" if eta != float("inf") else "?"
-        print(f"\r[{bar}] {done}/{start_pending}  {rate:.0f} readings/s  ETA {eta_text}   ",
-              end="", file=out, flush=True)
-        if pending == 0:
-            print(f"\nbacklog drained in {elapsed:.1f} s", file=out, flush=True)
-            return 0
-        if elapsed > timeout:
-            print(f"\ngave up after {timeout:.0f} s: {pending} readings still pending "
-                  "(is the worker running? see `mash status`)", file=out, flush=True)
-            return 1
-        time.sleep(0.5)
+def periodic_jobs() -> list[Periodic]:
+    return [
+        Periodic("sync", sync_readings, due=sync.sync_due),
+        Periodic("backup_firebase", backup_firebase, due=sync.backup_due, interval="sync"),
+        Periodic("poll", poll_commands, due=lambda ctx: ctx.backend is not None),
+        Periodic("heartbeat", heartbeat),
+        Periodic("deliver", deliver, due=lambda ctx: ctx.store.has_undelivered()),
+    ]
 
 
-__all__ = ["huey", "sync_readings", "backup_firebase", "deliver_acks", "deliver_alerts",
-           "poll_commands", "heartbeat", "force_sync", "current_runtime", "set_runtime", "TaskLockedException"]
+_TASK_NAMES = {"sync": "sync_readings", "poll": "poll_commands"}
+
+
+def _busy_job(job_name: str) -> bool:
+    # A delivery asked for while one runs is still enqueued: it finds the sweep's lock taken
+    # and makes the running sweep go round again.
+    return busy(_TASK_NAMES.get(job_name, job_name), running=job_name != "deliver")
+
+
+def start_service(ctx: WorkerContext, live_feed: bool = True) -> WorkerService:
+    return WorkerService(ctx, periodic_jobs(), _busy_job, live_feed=live_feed).start()
+
+
+@huey.on_startup()
+def _worker_started() -> None:
+    """Runs in each consumer thread: once per process, flush the task locks a power cut or
+    ``kill -9`` left behind (so a bare ``huey_consumer mash.tasks.huey`` recovers too) and,
+    in a worker process, build the context and start the service."""
+    global _locks_flushed, _service, _context
+    with _lifecycle:
+        if _locks_flushed:
+            return
+        _locks_flushed = True
+        flushed = huey.flush_locks()
+        if flushed:
+            log.warning("cleared task locks left by an unclean stop: %s", ", ".join(sorted(flushed)))
+        if _context is not None:          # the sync manager brought its own context
+            return
+        try:
+            settings = Settings.load()
+        except ConfigError as exc:        # a bare huey_consumer: one line, exit code 2
+            print(exc, file=sys.stderr, flush=True)
+            os._exit(2)
+        setup_logging(settings.log_level)
+        _context = WorkerContext(settings)
+        _service = start_service(_context)
+
+
+@huey.on_shutdown()
+def _worker_stopping() -> None:
+    global _service
+    with _lifecycle:
+        service, _service = _service, None
+    if service is not None:
+        service.stop()
+
+
+__all__ = ["huey", "sync_readings", "backup_firebase", "poll_commands", "heartbeat", "deliver",
+           "force_sync", "current_context", "set_context", "start_service", "busy"]

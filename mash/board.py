@@ -1,0 +1,145 @@
+"""The board-command driver: the ledger's ``set_actuator`` commands to the board, one at a
+time, with the board's replies matched in order (CONTRACT §1: they carry no id).
+
+The reader owns the port and calls ``drive`` in its loop and ``on_reply`` / ``on_reset`` /
+``on_recovered`` for the lines that concern commands. Timing, from the firmware source: a
+sensor read can block the board's loop ~3 s on an I2C timeout, so a ``[CMD]`` reply may take
+up to ~7 s; a command is written again only after ACK_TIMEOUT (8 s) without one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from mash import protocol
+from mash.clock import utcnow
+
+log = logging.getLogger("mash.reader")
+
+
+@dataclass
+class InFlight:
+    actuator: str
+    state: str
+    command_id: str | None       # None for a re-sent desired state
+    written_at: float
+    attempts: int
+
+
+class BoardCommands:
+    ACK_TIMEOUT = 8.0
+    ACK_ATTEMPTS = 3
+    LEDGER_POLL = 0.1
+
+    def __init__(self, store, count_bad):
+        self.store = store
+        self.count_bad = count_bad        # fn(kind, detail): an unexpected reply is a bad line
+        self.inflight: InFlight | None = None
+        self.resync: deque[tuple[str, str]] = deque()
+        self._next_ledger = 0.0
+        self._data_version = None
+
+    def on_reconnect(self) -> None:
+        """A new link: a command written on the old one is written again."""
+        self._next_ledger = 0.0
+        self._data_version = None
+        if self.inflight:
+            self.inflight.written_at = 0.0
+
+    def on_reset(self, line: str) -> None:
+        """``[READY]``: the board booted with every relay OFF. Restore every desired state,
+        then write again the command the reset swallowed."""
+        desired = self.store.desired_states()
+        log.info("board reset (%s): relays are OFF, restoring %d desired state(s)", line,
+                 len(desired))
+        self.resync = deque(desired.items())
+        if self.inflight and self.inflight.command_id is None:
+            self.inflight = None
+        elif self.inflight:
+            self.inflight.written_at = 0.0
+
+    def on_recovered(self, line: str) -> None:
+        """``{"watchdog":"recovered"}``: relays are as they were and a command written just
+        before still runs (its reply is still awaited). Re-send every desired state anyway:
+        harmless when unchanged."""
+        desired = self.store.desired_states()
+        log.info("board watchdog recovered: re-sending %d desired state(s)", len(desired))
+        self.resync = deque(desired.items())
+
+    def on_reply(self, ok: bool, msg) -> None:
+        flight = self.inflight
+        if flight is None:
+            log.warning("board reply with no command waiting: %s", msg.line)
+            self.count_bad("unexpected_reply", msg.line)
+            return
+        if ok and (msg.actuator, msg.state) != (flight.actuator, flight.state):
+            log.warning("board confirmed %s %s while %s %s was waiting; ignoring it",
+                        msg.actuator, msg.state, flight.actuator, flight.state)
+            self.count_bad("unexpected_reply", msg.line)
+            return
+        self.inflight = None
+        if flight.command_id is None:
+            if not ok:
+                log.error("board refused restoring %s %s: %s", flight.actuator, flight.state,
+                          msg.line)
+            return
+        self.store.finish_command(flight.command_id, ok, reason=None if ok else msg.line,
+                                  response={"actuator": flight.actuator, "state": flight.state,
+                                            "board": msg.line},
+                                  desired=(flight.actuator, flight.state) if ok else None)
+        log.info("command %s %s: %s", flight.command_id, "completed" if ok else "failed", msg.line)
+
+    def drive(self, write, now: float | None = None) -> None:
+        """Write what is due: a command again after ACK_TIMEOUT, a desired state to restore,
+        or the ledger's next command. ``write(bytes)`` writes to the board."""
+        now = time.monotonic() if now is None else now
+        flight = self.inflight
+        if flight is not None:
+            if flight.written_at and now - flight.written_at < self.ACK_TIMEOUT:
+                return
+            if flight.written_at and flight.attempts >= self.ACK_ATTEMPTS:
+                self.inflight = None
+                reason = f"no reply from the board after {flight.attempts} attempts"
+                if flight.command_id:
+                    self.store.finish_command(flight.command_id, False, reason=reason)
+                    log.warning("command %s failed: %s", flight.command_id, reason)
+                else:
+                    log.warning("restoring %s %s: %s", flight.actuator, flight.state, reason)
+                return
+            flight.attempts += 1
+            flight.written_at = now
+            write(protocol.encode_command(flight.actuator, flight.state))
+            return
+        if self.resync:
+            actuator, state = self.resync.popleft()
+            self.inflight = InFlight(actuator, state, None, now, 1)
+            write(protocol.encode_command(actuator, state))
+            return
+        if now < self._next_ledger:
+            return
+        self._next_ledger = now + self.LEDGER_POLL
+        version = self.store.data_version()
+        if version == self._data_version:
+            return
+        cmd = self.store.next_board_command()
+        if cmd is None:
+            self._data_version = version     # nothing new until another process commits
+            return
+        params = json.loads(cmd.parameters or "{}")
+        if cmd.expires_at is not None and cmd.expires_at < utcnow():
+            self.store.finish_command(cmd.command_id, False,
+                                      reason="expired before it reached the board")
+            return
+        try:
+            line = protocol.encode_command(params.get("actuator"), params.get("state"))
+        except ValueError as exc:
+            self.store.finish_command(cmd.command_id, False, reason=f"malformed: {exc}")
+            return
+        attempts = self.store.start_command(cmd.command_id)
+        payload = json.loads(line)
+        self.inflight = InFlight(payload["actuator"], payload["state"], cmd.command_id, now,
+                                 attempts)
+        write(line)

@@ -1,0 +1,27 @@
+"""The names and limits the wire contract fixes (docs/CONTRACT.md), defined once.
+
+Every module that speaks to the board, the backend or the broker takes its constants from
+here, so a room, an actuator or a size limit has exactly one definition.
+"""
+from __future__ import annotations
+
+# §1 Serial
+ROOMS = ("fruiting", "spawning")
+ACTUATORS = ("MIST_MAKER", "HUMIDIFIER_FAN", "FRUITING_EXHAUST_FAN", "FRUITING_INTAKE_FAN",
+             "SPAWNING_EXHAUST_FAN", "DEVICE_EXHAUST_FAN", "FRUITING_LED")
+STATES = ("ON", "OFF")
+# The firmware's valid ranges; anything outside is a bad reading, never stored as good data.
+RANGES = {"temp": (-10.0, 60.0), "humidity": (0.0, 100.0), "co2": (400.0, 5000.0)}
+MAX_LINE = 512            # a reading is ~120 bytes; anything past this is noise
+MAX_BOARD_COMMAND = 128   # the firmware's command buffer
+KEEPALIVE = b'{"keepalive":true}\n'
+
+# §2 Backend
+SEVERITIES = ("INFO", "WARNING", "CRITICAL")
+DEVICE_STATUSES = ("ONLINE", "OFFLINE", "MAINTENANCE", "ERROR")
+
+# §3 Commands (both channels)
+COMMANDS = ("set_actuator", "REQUEST_STATUS", "force_sync", "CONFIGURE")
+MAX_COMMAND_BYTES = 4096          # larger: acknowledged failed ("oversize")
+MAX_COMMAND_ID = 100              # a usable id is a string of at most this many characters
+MAX_PARSE_BYTES = 256 * 1024      # larger payloads are not parsed whole (their id is still read)

@@ -1,0 +1,88 @@
+"""The reader's periodic chores, every few seconds whether or not the board talks: stale
+sensor alerts, the disk budget (retention and its alarm), CONFIGURE'd thresholds, and the
+summary line a minute."""
+from __future__ import annotations
+
+import logging
+import time
+
+from mash.alerts import AlertEngine, AlertEvent
+from mash.config import ConfigError, Settings, merge_thresholds
+
+log = logging.getLogger("mash.reader")
+
+
+class Housekeeping:
+    EVERY = 5.0
+    SUMMARY_EVERY = 60.0
+    BUDGET_EVERY = 60.0
+
+    def __init__(self, settings: Settings, store, engine: AlertEngine):
+        self.settings, self.store, self.engine = settings, store, engine
+        self._configured = None
+        self._storage_over = (store.meta_get("storage") or {}).get("over")
+        self._last = 0.0
+        self._last_budget = 0.0
+        self._last_summary = time.monotonic()
+        self._summary_base = (0, 0)
+        self.reload_configuration()
+
+    def due(self, now: float) -> bool:
+        if now - self._last < self.EVERY:
+            return False
+        self._last = now
+        return True
+
+    def run(self, now: float, stored_rows: int, bad_total: int) -> None:
+        if now - self._last_budget >= self.BUDGET_EVERY:
+            self._last_budget = now
+            self.check_budget()
+        events = self.engine.check_stale()
+        if events:
+            self.store.add_alerts(events)
+            for e in events:
+                log.warning("alert %s: %s", e.state, e.message)
+        self.reload_configuration()
+        if now - self._last_summary >= self.SUMMARY_EVERY:
+            stored, bad0 = self._summary_base
+            log.info("last %.0f s: %d readings stored, %d bad lines; %d pending sync",
+                     now - self._last_summary, stored_rows - stored, bad_total - bad0,
+                     self.store.pending_count())
+            self._summary_base = (stored_rows, bad_total)
+            self._last_summary = now
+
+    def check_budget(self) -> None:
+        """MAX_DB_MB: retention first; if what is left is all unsynced, say so loudly."""
+        state = self.store.enforce_budget(self.settings.max_db_mb * 2**20,
+                                          firebase_on=self.settings.firebase_enabled)
+        if state["deleted"]:
+            log.info("retention: deleted %d synced readings (store %.1f MB of %.0f MB)",
+                     state["deleted"], state["used_mb"], state["max_mb"])
+        if state["over"] == self._storage_over:
+            return
+        if state["over"]:
+            message = (f"store {state['used_mb']:.0f} MB is over MAX_DB_MB={state['max_mb']:.0f} "
+                       "with data not yet synced: nothing unsynced is deleted, recording goes on")
+            log.error("%s", message)
+            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+                                              state["max_mb"], "raised", message)])
+        elif self._storage_over:
+            log.info("store back under MAX_DB_MB (%.1f MB)", state["used_mb"])
+            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+                                              state["max_mb"], "cleared",
+                                              "store back under its budget")])
+        self._storage_over = state["over"]
+
+    def reload_configuration(self) -> None:
+        """Thresholds set by CONFIGURE (stored by the worker) apply within a few seconds."""
+        configured = self.store.meta_get("configuration")
+        if configured == self._configured:
+            return
+        self._configured = configured
+        if configured and configured.get("thresholds"):
+            try:
+                self.engine.thresholds = merge_thresholds(self.settings.thresholds,
+                                                          configured["thresholds"], "CONFIGURE")
+                log.info("alert thresholds updated by CONFIGURE")
+            except ConfigError as exc:
+                log.error("ignoring configured thresholds: %s", exc)

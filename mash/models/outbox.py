@@ -1,0 +1,79 @@
+"""One outbox for everything a sink is owed: alerts and command outcomes alike.
+
+An item is written once per sink in the same transaction as the fact it reports (the alert
+row, the command's final status), with its message fixed at that moment. Delivery reads what
+a sink is owed, sends it, and marks it done only after the sink confirmed it: a crash in
+between sends it again (at least once), never loses it.
+"""
+from __future__ import annotations
+
+import json
+
+from mash import ids
+from mash.clock import iso, utcnow
+from mash.models.schema import ACK, ALERT, OUTBOX_SINKS
+
+
+def alert_payload(uid: str, alert) -> dict:
+    """What every sink is told of an alert row (a cleared condition is ``<type>_cleared``,
+    severity INFO)."""
+    cleared = alert.state == "cleared"
+    return {"id": ids.alert_id(uid, alert.id), "room": alert.room,
+            "type": f"{alert.event_type}_cleared" if cleared else alert.event_type,
+            "severity": "INFO" if cleared else alert.severity, "message": alert.message,
+            "value": alert.value, "threshold": alert.threshold,
+            "timestamp": iso(alert.created_at)}
+
+
+def ack_payload(cmd) -> dict:
+    """A command's final status, as both sinks are told it."""
+    response = json.loads(cmd.response) if cmd.response else {}
+    if cmd.reason:
+        response["reason"] = cmd.reason
+    return {"id": cmd.command_id, "status": cmd.status, "response": response,
+            "timestamp": iso(cmd.finished_at)}
+
+
+class Outbox:
+    def __init__(self, models):
+        self.m = models
+
+    def add(self, kind: str, ref: str, payload: dict, sinks=OUTBOX_SINKS) -> None:
+        """Owe ``payload`` to each sink. Call inside the transaction that records the fact."""
+        now = utcnow()
+        body = json.dumps(payload, separators=(",", ":"))
+        self.m.Outbox.insert_many([dict(kind=kind, ref=str(ref), sink=sink, payload=body,
+                                        created_at=now) for sink in sinks]).execute()
+
+    def pending(self, sink: str, limit: int = 100) -> list:
+        """The oldest items ``sink`` is still owed, each with ``.message`` (the payload)."""
+        rows = list(self.m.Outbox.select()
+                    .where((self.m.Outbox.sink == sink) & self.m.Outbox.done_at.is_null())
+                    .order_by(self.m.Outbox.id).limit(limit))
+        for row in rows:
+            row.message = json.loads(row.payload)
+        return rows
+
+    def done(self, item_id: int, error: str | None = None) -> bool:
+        """Mark one item delivered (or refused for good, with ``error``); False if it
+        already was."""
+        return bool(self.m.Outbox.update(done_at=utcnow(), error=error)
+                    .where((self.m.Outbox.id == item_id) & self.m.Outbox.done_at.is_null())
+                    .execute())
+
+    def done_many(self, item_ids: list[int], error: str | None = None) -> int:
+        return (self.m.Outbox.update(done_at=utcnow(), error=error)
+                .where(self.m.Outbox.id.in_(item_ids) & self.m.Outbox.done_at.is_null())
+                .execute())
+
+    def owed(self) -> bool:
+        """Anything owed to any sink (a read, no write)."""
+        return self.m.Outbox.select().where(self.m.Outbox.done_at.is_null()).exists()
+
+    def owed_count(self, kind: str) -> int:
+        """How many items of ``kind`` some sink is still owed."""
+        return (self.m.Outbox.select(self.m.Outbox.ref).distinct()
+                .where((self.m.Outbox.kind == kind) & self.m.Outbox.done_at.is_null()).count())
+
+
+__all__ = ["Outbox", "alert_payload", "ack_payload", "ALERT", "ACK"]

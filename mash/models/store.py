@@ -1,0 +1,416 @@
+"""The store: one SQLite file (peewee, WAL) holding every reading, alert, command and counter.
+
+SQLite is the only channel between the reader, the worker and the dashboard, so a ``Store``
+is the only owner of its file in a process. Each store binds its own models to its own
+database: two stores on two files work side by side in one process.
+
+Durability: WAL with ``synchronous=FULL``. In WAL mode NORMAL never corrupts the file but may
+roll back the last transactions on a power cut; FULL fsyncs the WAL at every commit, so a
+reading the reader has committed survives ``kill -9`` and a power cut. New files use 1 KiB
+pages: a reading line dirties one leaf page, and a WAL frame is a page plus 24 bytes, so the
+SD card sees a quarter of what 4 KiB pages cost (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import json
+import threading
+import time
+from pathlib import Path
+
+from peewee import IntegrityError, SqliteDatabase, fn
+
+from mash import ids
+from mash.clock import from_epoch, iso, utcnow
+from mash.config import Settings
+from mash.contract import ROOMS
+from mash.models import retention, stats
+from mash.models.migrations import migrate
+from mash.models.outbox import ACK, ALERT, Outbox, ack_payload, alert_payload
+from mash.models.schema import (COMPLETED, FAILED, FINAL, PENDING, QUEUED, REJECTED, RUNNING,
+                                SYNCED, bind_models)
+
+PAGE_SIZE = 1024
+
+
+def writes(method):
+    """Mark a Store method that writes: it runs under the store's write lock.
+
+    SQLite serialises writers anyway, but a thread that finds the database locked sleeps in
+    SQLite's busy handler (1, 2, 5 ... 100 ms steps); a Python lock wakes the next writer as
+    soon as the last one commits."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+class Store:
+    """The guide's ``DatabaseManager``: readings in, queries out, for every process."""
+
+    SINK_REFRESH = 300.0    # seconds between rewrites of an unchanged "online" (SD-card writes)
+
+    def __init__(self, path: str | Path | None = None):
+        if path is None:             # the guide's DatabaseManager(): the configured file
+            path = Settings.load().db_path
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # IMMEDIATE: a transaction that reads then writes takes the write lock up front, so
+        # two processes never deadlock on a lock upgrade ("database is locked" at once).
+        self.db = SqliteDatabase(str(self.path), timeout=30, lock_type="IMMEDIATE", pragmas=[
+            ("page_size", PAGE_SIZE),     # only takes effect on a new file: before WAL is on
+            ("journal_mode", "wal"),
+            ("synchronous", 2),           # FULL: see the module docstring
+            ("foreign_keys", 1),
+            ("busy_timeout", 30000),
+            ("cache_size", -2000),
+        ])
+        self._lock = threading.RLock()
+        self.m = bind_models(self.db)
+        self.db.connect(reuse_if_open=True)
+        migrate(self.db, self.m)
+        self.outbox = Outbox(self.m)
+        self.uid = self.meta_get("db_uid")
+        if not self.uid:
+            self.uid = ids.new_uid()
+            self.meta_set("db_uid", self.uid)
+        self._last_fb_key: dict[str, str] = {}
+        self._sink_seen: dict[str, tuple[bool, float]] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction under the store's write lock. Every transaction that writes
+        takes the lock first: holding SQLite's write lock while waiting for the Python one
+        (say, a @writes method called inside a bare ``db.atomic()``) would deadlock two
+        threads."""
+        with self._lock, self.db.atomic():
+            yield
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: a free "anything new?" check."""
+        return self.db.execute_sql("PRAGMA data_version").fetchone()[0]
+
+    # -- identities ---------------------------------------------------------------------
+    def reading_id(self, row_id: int) -> str:
+        """Globally unique and stable (mash.ids): this file's uid and the row id."""
+        return ids.reading_id(self.uid, row_id)
+
+    def alert_id(self, row_id: int) -> str:
+        return ids.alert_id(self.uid, row_id)
+
+    # -- readings -----------------------------------------------------------------------
+    def _fb_key(self, room: str, ts: dt.datetime) -> str:
+        last = self._last_fb_key.get(room)
+        if last is None:
+            row = (self.m.SensorData.select(self.m.SensorData.fb_key)
+                   .where(self.m.SensorData.room == room)
+                   .order_by(self.m.SensorData.id.desc()).first())
+            last = row.fb_key if row else ""
+        key = ids.firebase_key(ts, last)
+        self._last_fb_key[room] = key
+        return key
+
+    @writes
+    def save_sensor_data(self, data: dict, timestamp: dt.datetime | float | None = None) -> list[int]:
+        """Store one reading line (``{"fruiting": {...}, "spawning": {...}}``) atomically
+        and return the new row ids.
+
+        Accepts the guide's shape (``temp``/``humidity``/``co2`` per room, optional
+        top-level ``timestamp`` in epoch seconds). The reading ids it was given are put in
+        ``data["reading_ids"]`` ({room: id}), so the guide's direct ``send_sensor_data`` of
+        the same dict sends the same ids and the backend keeps the reading once."""
+        ts = timestamp if timestamp is not None else data.get("timestamp")
+        if isinstance(ts, (int, float)):
+            ts = from_epoch(ts)
+        ts = ts or utcnow()
+        rows = []
+        for room in ROOMS:
+            values = data.get(room)
+            if not isinstance(values, dict) or "temp" not in values:
+                continue
+            rows.append(dict(room=room, temperature=float(values["temp"]),
+                             humidity=float(values["humidity"]), co2=int(values["co2"]),
+                             timestamp=ts, fb_key=self._fb_key(room, ts)))
+        if not rows:
+            return []
+        # One statement: atomic by itself (no nested savepoint inside a caller's
+        # transaction), and SQLite numbers the rows of one INSERT consecutively.
+        last = self.m.SensorData.insert_many(rows).execute()
+        row_ids = list(range(last - len(rows) + 1, last + 1))
+        data["reading_ids"] = {r["room"]: self.reading_id(i) for r, i in zip(rows, row_ids)}
+        return row_ids
+
+    def backend_progress(self) -> int:
+        """Every reading id up to this one is synced or rejected."""
+        return self.sink("backend").progress or 0
+
+    def unsynced(self, limit: int, after_id: int = 0, upto: int | None = None) -> list:
+        """Up to ``limit`` pending readings past ``after_id`` (and the backend's progress
+        marker), oldest first: a rowid range scan, no index needed."""
+        S = self.m.SensorData
+        cond = (S.id > max(after_id, self.backend_progress())) & (S.synced == PENDING)
+        if upto is not None:
+            cond &= S.id <= upto
+        return list(S.select().where(cond).order_by(S.id).limit(limit))
+
+    def _advance_backend_progress(self) -> None:
+        S = self.m.SensorData
+        progress = self.backend_progress()
+        first = S.select(fn.MIN(S.id)).where((S.id > progress) & (S.synced == PENDING)).scalar()
+        new = first - 1 if first is not None else self.last_reading_id()
+        if new != progress:
+            self._upsert_sink("backend", progress=new)
+
+    @writes
+    def mark_synced(self, ids_: list[int]) -> int:
+        """Mark readings accepted by the backend; returns how many changed."""
+        S = self.m.SensorData
+        with self.transaction():
+            n = (S.update(synced=SYNCED, synced_at=utcnow())
+                 .where(S.id.in_(ids_) & (S.synced != SYNCED)).execute())
+            self._advance_backend_progress()
+        return n
+
+    @writes
+    def mark_rejected(self, ids_: list[int], reason: str) -> None:
+        """Mark readings the backend refused for good (kept, never deleted by retention)."""
+        S = self.m.SensorData
+        with self.transaction():
+            S.update(synced=REJECTED).where(S.id.in_(ids_)).execute()
+            self.incr("sync_rejected", len(ids_))
+            self.meta_set("last_rejection", {"at": iso(utcnow()), "count": len(ids_),
+                                             "first_id": min(ids_), "reason": reason[:500]})
+            self._advance_backend_progress()
+
+    @writes
+    def retry_rejected(self) -> int:
+        """Make refused readings pending again; returns how many."""
+        S = self.m.SensorData
+        with self.transaction():
+            first = S.select(fn.MIN(S.id)).where(S.synced == REJECTED).scalar()
+            n = S.update(synced=PENDING).where(S.synced == REJECTED).execute()
+            if first is not None and first <= self.backend_progress():
+                self._upsert_sink("backend", progress=first - 1)
+        return n
+
+    def readings_after(self, after_id: int, limit: int, upto: int | None = None) -> list:
+        """Readings with ids past ``after_id`` (up to ``upto``), oldest first."""
+        S = self.m.SensorData
+        cond = S.id > after_id
+        if upto is not None:
+            cond &= S.id <= upto
+        return list(S.select().where(cond).order_by(S.id).limit(limit))
+
+    def last_reading_id(self) -> int:
+        return self.m.SensorData.select(fn.MAX(self.m.SensorData.id)).scalar() or 0
+
+    def pending_count(self) -> int:
+        """Readings the backend does not have yet (what the guide's query counts)."""
+        S = self.m.SensorData
+        return S.select().where((S.id > self.backend_progress()) & (S.synced == PENDING)).count()
+
+    # -- counters and meta --------------------------------------------------------------
+    @writes
+    def incr(self, name: str, n: int = 1) -> None:
+        C = self.m.Counter
+        if n:
+            (C.insert(name=name, value=n)
+             .on_conflict(conflict_target=[C.name], update={C.value: C.value + n}).execute())
+
+    def counters(self) -> dict[str, int]:
+        return {c.name: c.value for c in self.m.Counter.select()}
+
+    def meta_get(self, key: str, default=None):
+        row = self.m.KeyValue.get_or_none(self.m.KeyValue.key == key)
+        return json.loads(row.value) if row else default
+
+    @writes
+    def meta_set(self, key: str, value) -> None:
+        self.m.KeyValue.replace(key=key, value=json.dumps(value)).execute()
+
+    # -- alerts -------------------------------------------------------------------------
+    @writes
+    def add_alerts(self, events) -> list[int]:
+        """Store alert events and owe each to every sink, in one transaction; returns the
+        alert row ids."""
+        now = utcnow()
+        made = []
+        with self.transaction():
+            for e in events:
+                alert = self.m.Alert.create(event_type=e.event_type, severity=e.severity,
+                                            room=e.room, value=e.value, threshold=e.threshold,
+                                            message=e.message, state=e.state, created_at=now)
+                self.outbox.add(ALERT, alert.id, alert_payload(self.uid, alert))
+                made.append(alert.id)
+        return made
+
+    def active_alert_keys(self) -> set[tuple[str, str]]:
+        """(room, event_type) whose latest alert is ``raised``: conditions still on."""
+        A = self.m.Alert
+        latest = (A.select(A.room, A.event_type, fn.MAX(A.id).alias("last"))
+                  .group_by(A.room, A.event_type))
+        last_ids = [row.last for row in latest]
+        return {(a.room, a.event_type) for a in
+                A.select().where(A.id.in_(last_ids) & (A.state == "raised"))}
+
+    # -- the outbox (alerts and command outcomes owed to sinks) ------------------------------
+    def owed(self, sink: str, limit: int = 100) -> list:
+        """The oldest items ``sink`` is owed (``.kind``, ``.ref``, ``.message``)."""
+        return self.outbox.pending(sink, limit)
+
+    @writes
+    def delivered(self, item_id: int, error: str | None = None) -> bool:
+        """Atomically mark one outbox item done; False if it already was."""
+        return self.outbox.done(item_id, error)
+
+    @writes
+    def delivered_many(self, item_ids: list[int], error: str | None = None) -> int:
+        """Mark many outbox items done in one transaction; returns how many changed."""
+        with self.transaction():
+            return self.outbox.done_many(item_ids, error)
+
+    def has_undelivered(self) -> bool:
+        """Anything owed to any sink (a read, no write)."""
+        return self.outbox.owed()
+
+    # -- command ledger -----------------------------------------------------------------
+    @writes
+    def add_command(self, command_id: str, command: str, parameters: dict, source: str,
+                    expires_at: dt.datetime | None = None, status: str = QUEUED,
+                    reason: str | None = None) -> bool:
+        """Put a command in the ledger once; False when its id was already there. A command
+        added already final (rejected) is owed to the sinks at once."""
+        C = self.m.Command
+        now = utcnow()
+        final = status in FINAL
+        try:
+            with self.transaction():
+                if C.select().where(C.command_id == command_id).exists():
+                    return False
+                cmd = C.create(command_id=command_id, command=command,
+                               parameters=json.dumps(parameters), source=source,
+                               received_at=now, expires_at=expires_at, status=status,
+                               reason=reason, finished_at=now if final else None)
+                if final:
+                    self.outbox.add(ACK, command_id, ack_payload(cmd))
+        except IntegrityError:      # another thread or process stored it first
+            return False
+        return True
+
+    def known_command(self, command_id: str) -> bool:
+        C = self.m.Command
+        return C.select().where(C.command_id == command_id).exists()
+
+    def command(self, command_id: str):
+        """The ledger row of ``command_id``, or None."""
+        return self.m.Command.get_or_none(self.m.Command.command_id == command_id)
+
+    def next_board_command(self):
+        """The oldest ``set_actuator`` not yet final, or None."""
+        C = self.m.Command
+        return (C.select().where(C.status.in_([QUEUED, RUNNING]) & (C.command == "set_actuator"))
+                .order_by(C.seq).first())
+
+    @writes
+    def claim_command(self):
+        """Atomically take the next queued ``set_actuator`` for an executor other than the
+        reader (the guide's sync manager): mark it running and return it, or None."""
+        with self.transaction():
+            cmd = self.next_board_command()
+            if cmd is None or cmd.status != QUEUED:
+                return None
+            self.start_command(cmd.command_id)
+            return cmd
+
+    @writes
+    def start_command(self, command_id: str) -> int:
+        """Mark a command running (another attempt); returns its attempt count."""
+        C = self.m.Command
+        with self.transaction():
+            C.update(status=RUNNING, attempts=C.attempts + 1).where(
+                C.command_id == command_id).execute()
+            return C.get(C.command_id == command_id).attempts
+
+    @writes
+    def finish_command(self, command_id: str, ok: bool, reason: str | None = None,
+                       response: dict | None = None,
+                       desired: tuple[str, str] | None = None) -> bool:
+        """Atomically record a command's final status once, owe its ack to every sink and,
+        for a relay that switched, remember the desired state. False if it was already
+        final."""
+        C = self.m.Command
+        with self.transaction():
+            changed = (C.update(status=COMPLETED if ok else FAILED, reason=reason,
+                                response=json.dumps(response or {}), finished_at=utcnow())
+                       .where((C.command_id == command_id) & C.status.not_in(FINAL)).execute())
+            if changed:
+                self.outbox.add(ACK, command_id, ack_payload(self.command(command_id)))
+                if desired:
+                    self.set_desired(*desired)
+        return bool(changed)
+
+    # -- actuators ----------------------------------------------------------------------
+    def desired_states(self) -> dict[str, str]:
+        A = self.m.ActuatorState
+        return {a.actuator: a.desired for a in A.select().order_by(A.actuator)}
+
+    @writes
+    def set_desired(self, actuator: str, state: str) -> None:
+        self.m.ActuatorState.replace(actuator=actuator, desired=state,
+                                     updated_at=utcnow()).execute()
+
+    # -- sinks --------------------------------------------------------------------------
+    def _upsert_sink(self, name: str, **values) -> None:
+        S = self.m.SinkState
+        (S.insert(name=name, **values)
+         .on_conflict(conflict_target=[S.name],
+                      update={getattr(S, k): v for k, v in values.items()}).execute())
+
+    @writes
+    def sink_ok(self, name: str, **extra) -> bool:
+        """Record a success; True when the sink was offline before (a state change).
+
+        An unchanged online state is rewritten at most every SINK_REFRESH s, not on every
+        call: a 10 s command poll would otherwise cost a page write each time."""
+        cached = self._sink_seen.get(name)
+        if not extra and cached and cached[0] and time.monotonic() - cached[1] < self.SINK_REFRESH:
+            return False
+        self._sink_seen[name] = (True, time.monotonic())
+        was_online = bool(self.sink(name).online)
+        self._upsert_sink(name, online=1, last_ok=utcnow(), last_error=None, **extra)
+        return not was_online
+
+    @writes
+    def sink_failed(self, name: str, error: str) -> bool:
+        """Record a failure; True when the sink was online (or unknown) before."""
+        self._sink_seen[name] = (False, time.monotonic())
+        row = self.m.SinkState.get_or_none(self.m.SinkState.name == name)
+        was_online = bool(row is None or row.online)
+        if was_online or (row.last_error or "") != error[:500]:
+            self._upsert_sink(name, online=0, last_error=error[:500])
+        return was_online
+
+    def sink(self, name: str):
+        S = self.m.SinkState
+        return S.get_or_none(S.name == name) or S(name=name, online=0, progress=0)
+
+    # -- disk budget and stats (their own modules) -----------------------------------------
+    def used_bytes(self) -> int:
+        return retention.used_bytes(self)
+
+    @writes
+    def enforce_budget(self, max_bytes: int, firebase_on: bool = False) -> dict:
+        return retention.enforce_budget(self, max_bytes, firebase_on)
+
+    def get_stats(self) -> dict:
+        """The guide's stats, derived from the store so every process reports the same."""
+        return stats.collect(self)
+
+
+DatabaseManager = Store

@@ -1,0 +1,119 @@
+"""The worker's context: the store and the cloud clients its tasks share in one process.
+
+One backend session and one MQTT connection per worker process. Built from settings by the
+consumer's start-up hook (``python worker.py`` or a bare ``huey_consumer``), or handed in by
+the guide's sync manager with the clients it was given.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from mash.cloud.backend_api import BackendAPIClient
+from mash.cloud.firebase import FirebaseSync
+from mash.cloud.mqtt_client import MQTTClient
+from mash.config import Settings
+from mash.models import Store
+
+log = logging.getLogger("mash.worker")
+
+_CREATE = object()      # "build this client from settings"
+
+
+class WorkerContext:
+    SWEEP_EVERY = 30.0
+    IN_FLIGHT_FOR = 120.0    # an MQTT publish unconfirmed this long is sent again
+    drain_batch = 500        # readings per request while a large backlog drains
+
+    def __init__(self, settings: Settings, store: Store | None = None,
+                 backend=_CREATE, mqtt=_CREATE, firebase=_CREATE):
+        self.settings = settings
+        self.store = store or Store(settings.db_path)
+        if backend is _CREATE:
+            backend = BackendAPIClient(settings) if settings.backend_enabled else None
+        if mqtt is _CREATE:
+            mqtt = MQTTClient(settings) if settings.mqtt_enabled else None
+        if firebase is _CREATE:
+            firebase = FirebaseSync(settings) if settings.firebase_enabled else None
+        self.backend = backend if backend is not None and getattr(backend, "enabled", True) else None
+        self.mqtt = mqtt if mqtt is not None and getattr(mqtt, "enabled", True) else None
+        self.firebase = firebase if firebase is not None and firebase.is_initialized else None
+        self.registered = False
+        # outbox item id -> when it was published to MQTT and not yet confirmed
+        self.in_flight: dict[int, float] = {}
+        self.confirmed: deque[int] = deque()      # PUBACKed outbox items not yet recorded
+        self.intervals: dict[str, float] = {}
+        self.reload_configuration()
+        self.woken: set[str] = set()
+        self.wakeup = threading.Event()
+        self.deliver_again = threading.Event()
+
+    def reload_configuration(self) -> None:
+        """Intervals from settings, overridden by a CONFIGURE stored in the store."""
+        s = self.settings
+        configured = self.store.meta_get("configuration", {}) or {}
+        self.intervals = {
+            "sync": configured.get("sync_interval", s.sync_interval),
+            "poll": configured.get("command_poll_interval", s.command_poll_interval),
+            "heartbeat": configured.get("heartbeat_interval", s.heartbeat_interval),
+            "deliver": self.SWEEP_EVERY,
+        }
+
+    def wake(self, kind: str) -> None:
+        """Ask the scheduler to run ``kind`` (deliver | sync | heartbeat) now."""
+        self.woken.add(kind)
+        self.wakeup.set()
+
+    # -- MQTT publishes awaiting their PUBACK ---------------------------------------------
+    # An item stays here after its PUBACK (as CONFIRMED) until a read of the outbox no longer
+    # lists it: a sweep that read the outbox just before the confirmation was recorded must
+    # not publish it again.
+    CONFIRMED = float("inf")
+
+    def claim_publish(self, item_id: int) -> bool:
+        """True when ``item_id`` may be published now: not in flight, or in flight so long
+        that the broker has surely lost it."""
+        sent = self.in_flight.get(item_id)
+        if sent is not None and (sent == self.CONFIRMED or
+                                 time.monotonic() - sent < self.IN_FLIGHT_FOR):
+            return False
+        self.in_flight[item_id] = time.monotonic()
+        return True
+
+    def publish_confirmed(self, item_id: int) -> None:
+        """The broker's PUBACK (paho's thread): remember it; the delivery sweep records it.
+        No database write here: a write (an fsync) per PUBACK in paho's thread would stall the
+        MQTT loop, and inbound commands would pile up at the broker."""
+        self.in_flight[item_id] = self.CONFIRMED
+        self.confirmed.append(item_id)
+        self.wake("deliver")
+
+    def take_confirmed(self) -> list[int]:
+        taken = []
+        while self.confirmed:
+            taken.append(self.confirmed.popleft())
+        return taken
+
+    def publish_failed(self, item_id: int) -> None:
+        self.in_flight.pop(item_id, None)
+
+    def forget_settled(self, owed_ids: set[int]) -> None:
+        """Drop confirmed items that a fresh read of the outbox no longer lists."""
+        for item_id in [i for i, t in list(self.in_flight.items())
+                        if t == self.CONFIRMED and i not in owed_ids]:
+            self.in_flight.pop(item_id, None)
+
+    def publish_status(self) -> dict:
+        stats = self.store.get_stats()
+        if self.mqtt is not None and self.mqtt.is_alive():
+            self.mqtt.publish_status("online", **stats)
+        return stats
+
+    def close(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.disconnect()
+            self.store.sink_failed("mqtt", "worker stopped")
+        if self.backend is not None:
+            self.backend.close()

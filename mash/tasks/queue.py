@@ -1,0 +1,49 @@
+"""The Huey queue: how it is built, how the consumer runs, how failures become retries.
+
+The queue holds no durable state: every job is a sweep over ``mash.db`` (readings to sync,
+outbox items to deliver), so losing the queue loses nothing. That is why it can live on
+RAM-backed storage (``Settings.queue_path``) and cost the SD card nothing.
+"""
+from __future__ import annotations
+
+import logging
+
+from huey import SqliteHuey
+from huey.exceptions import CancelExecution, RetryTask
+
+from mash.cloud.errors import RetryableError
+
+log = logging.getLogger("mash.worker")
+
+# Consumer settings (``python worker.py``, the sync manager's in-process consumer).
+# Huey's default polling backs off to 10 s between polls; ``-d 0.01 -m 0.5`` picks a task up at
+# once after activity and within 0.5 s when idle (at ``-m 0.1`` the consumer alone took ~0.5 %
+# of a core). Two worker threads, so a long backlog drain never holds up an ack or an alert.
+# SIGTERM (systemd's stop) and Ctrl-C let running tasks finish (at most 15 s).
+CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.15,
+                        max_delay=0.5, scheduler_interval=1, periodic=False, flush_locks=True,
+                        check_worker_health=True, shutdown_timeout=15, graceful_signal="TERM")
+CONSUMER_FLAGS = "-w 2 -k thread -d 0.01 -m 0.5 -f"
+
+
+def make_huey(path) -> SqliteHuey:
+    """A SqliteHuey on ``path``. results=False: nothing reads task results, and each stored
+    result would be another write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey("mash", filename=str(path), results=False, utc=True)
+
+
+def run_job(job, ctx):
+    """Run ``job(ctx)``, turning an expected cloud failure into a Huey retry.
+
+    A 429 retries after exactly its Retry-After; any other RetryableError uses the task's
+    own ``retries``/``retry_delay``/``retry_backoff``. Neither prints a traceback: the
+    clients and jobs log one line per state change (offline, online), and the traceback is
+    there at DEBUG."""
+    try:
+        return job(ctx)
+    except RetryableError as exc:
+        log.debug("%s will be retried: %s", job.__name__, exc, exc_info=True)
+        if exc.retry_after:
+            raise RetryTask(delay=exc.retry_after) from exc
+        raise CancelExecution(retry=None) from exc

@@ -1,0 +1,85 @@
+"""The worker's clock: periodic jobs on second-resolution intervals, enqueued on Huey.
+
+Why not Huey's ``crontab``: its resolution is a minute, and the gateway needs a 10 s command
+poll and ``SYNC_INTERVAL`` / ``CONFIGURE`` intervals in seconds that change at run time. So
+one small thread keeps the intervals and enqueues each job when it is due, has work, and is
+neither queued, running nor waiting for a retry (a backlog during an outage gets one retry
+chain, not a new run every interval). The queue lives in RAM, so an enqueue costs the SD
+card nothing, and Huey runs, retries and shows every job.
+
+It also watches SQLite's ``data_version`` (a read, no write): when another connection
+commits and a sink is owed something (the reader's alert or command outcome), delivery is
+enqueued within a tick.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("mash.worker")
+
+TICK = 0.2
+
+
+@dataclass
+class Periodic:
+    name: str                                  # also the interval's key in ctx.intervals
+    enqueue: Callable[[], object]
+    due: Callable[[object], bool] | None = None   # fn(ctx): is there work? (a read)
+    interval: str | None = None                # interval key when not ``name``
+
+
+class IntervalScheduler:
+    def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool]):
+        self.ctx, self.jobs, self.busy = ctx, jobs, busy
+        self._stop = threading.Event()
+        self._thread = None
+        self._next: dict[str, float] = {}
+
+    def start(self) -> "IntervalScheduler":
+        now = time.monotonic()
+        self._next = {job.name: now for job in self.jobs}
+        self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.ctx.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        version = None
+        while not self._stop.is_set():
+            woken, self.ctx.woken = self.ctx.woken, set()
+            try:
+                v = self.ctx.store.data_version()
+                if v != version:
+                    version = v
+                    woken.add("deliver")          # cheap to check: deliver's due() reads
+                self.step(time.monotonic(), woken)
+            except Exception:
+                log.exception("scheduler step failed")
+            self.ctx.wakeup.wait(TICK)
+            self.ctx.wakeup.clear()
+
+    def step(self, now: float, woken: set[str]) -> list[str]:
+        """Enqueue every job that is due; returns their names."""
+        enqueued = []
+        for job in self.jobs:
+            if now < self._next.get(job.name, 0.0) and job.name not in woken:
+                continue
+            if now >= self._next.get(job.name, 0.0):
+                self._next[job.name] = now + self.ctx.intervals[job.interval or job.name]
+            if job.due is not None and not job.due(self.ctx):
+                continue
+            if self.busy(job.name):
+                continue
+            job.enqueue()
+            enqueued.append(job.name)
+        return enqueued

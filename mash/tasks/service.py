@@ -1,0 +1,57 @@
+"""The worker's long-lived parts in one process: the MQTT link and its command intake, the
+interval scheduler and the live feed, started and stopped together."""
+from __future__ import annotations
+
+import logging
+
+from mash.tasks.intake import MQTTIntake
+from mash.tasks.live import LiveFeed
+from mash.tasks.schedule import IntervalScheduler
+
+log = logging.getLogger("mash.worker")
+
+
+class WorkerService:
+    def __init__(self, ctx, jobs, busy, live_feed: bool = True):
+        self.ctx = ctx
+        self.scheduler = IntervalScheduler(ctx, jobs, busy)
+        self.intake = MQTTIntake(ctx) if ctx.mqtt is not None else None
+        self.live = LiveFeed(ctx) if live_feed and ctx.mqtt is not None else None
+        self.connect_hooks: list = []     # called (in paho's thread) on every MQTT connect
+        self.started = False
+
+    def start(self) -> "WorkerService":
+        ctx = self.ctx
+        if ctx.mqtt is not None:
+            self.intake.start()
+            ctx.mqtt.set_command_callback(self.intake.offer, raw=True)
+            ctx.mqtt.status_extra = ctx.store.get_stats
+            ctx.mqtt.on_state_change = self._mqtt_state
+            ctx.mqtt.connect(timeout=0)
+        self.scheduler.start()
+        if self.live is not None:
+            self.live.start()
+        self.started = True
+        log.info("worker started: backend %s, MQTT %s, Firebase %s",
+                 "on" if ctx.backend else "off", "on" if ctx.mqtt else "off",
+                 "on" if ctx.firebase else "off")
+        return self
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        for part in (self.live, self.scheduler, self.intake):
+            if part is not None:
+                part.stop()
+        self.ctx.close()
+        log.info("worker stopped")
+
+    def _mqtt_state(self, connected: bool) -> None:
+        if connected:
+            self.ctx.store.sink_ok("mqtt")
+            for hook in self.connect_hooks:
+                hook()
+            self.ctx.wake("deliver")       # what waited for the broker goes now
+        else:
+            self.ctx.store.sink_failed("mqtt", "disconnected")

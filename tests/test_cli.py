@@ -1,0 +1,57 @@
+"""The ``mash`` command as a user runs it: a subprocess in a clean working directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from huey import SqliteHuey
+
+from mash.config import Settings
+from mash.models import Store
+from tests.services import ROOT, wait_for
+
+
+@pytest.mark.parametrize("env", [{"BATCH_SIZE": "abc"}, {"SYNC_INTERVAL": "0"}, {"MQTT_PORT": "99999"},
+                                 {"ALERT_THRESHOLDS": '{"cellar":{}}'}])
+def test_cli_refuses_bad_config_with_one_line_and_exit_2(run_cli, env):
+    result = run_cli("status", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("configuration error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_status_json_on_a_fresh_store(run_cli, tmp_path):
+    result = run_cli("status", "--json", env={"MASH_DATA_DIR": str(tmp_path / "d")})
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["pending_records"] == 0 and stats["backend_online"] is False
+
+
+def test_sync_enqueues_a_forced_sync_on_the_workers_queue(run_cli, tmp_path):
+    data = tmp_path / "d"
+    result = run_cli("sync", env={"MASH_DATA_DIR": str(data)})
+    assert result.returncode == 0 and "sync enqueued (0 readings pending)" in result.stderr
+    queue = SqliteHuey("mash", filename=str(Settings.from_mapping({"MASH_DATA_DIR": str(data)}).queue_path))
+    items = list(queue.storage.enqueued_items())      # raw: this process has no task registry
+    assert len(items) == 1 and b"force_sync" in items[0]
+
+
+def test_run_stores_simulated_readings_and_stops_cleanly_on_ctrl_c(tmp_path):
+    data = tmp_path / "data"
+    env = dict(os.environ, MASH_DATA_DIR=str(data), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "mash", "run", "--interval", "0.2"], env=env,
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_for(lambda: (data / "mash.db").exists(), timeout=30, what="the store")
+        store = Store(data / "mash.db")
+        wait_for(lambda: store.pending_count() >= 6, timeout=30, what="simulated readings stored")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
+    assert "no Arduino attached: simulated board on" in out
+    assert "reader stopped" in out and "worker stopped" in out
