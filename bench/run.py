@@ -352,6 +352,58 @@ def bench_resources(quick: bool):
         s.close()
 
 
+def _reader_bytes_per_line(s: Scratch, name: str, page_size: int, pending_index: bool,
+                           interval: float, window: float) -> float:
+    """The reader alone at ``interval`` s a line: bytes it writes per line, on a store laid
+    out as a step of the SD-card work left it (page size, the old partial index)."""
+    import sqlite3
+    from mash.models import Store
+    from mash.simulator import SimulatedBoard
+    data = s.dir / name / "data"
+    data.mkdir(parents=True)
+    with sqlite3.connect(data / "mash.db") as conn:       # the page size is fixed by the first table
+        conn.execute(f"PRAGMA page_size = {page_size}")
+        conn.execute("CREATE TABLE layout (x)")
+    store = Store(data / "mash.db")
+    if pending_index:
+        store.db.execute_sql("CREATE INDEX sensor_data_pending ON sensor_data (id) WHERE synced = 0")
+    board = SimulatedBoard(interval=interval, link=s.dir / name / "tty", seed=5).start(banner=False)
+    s.stoppers.append(board.stop)
+    env = dict(os.environ, SERIAL_PORT=board.port, MASH_DATA_DIR=str(data), PYTHONPATH=str(ROOT))
+    reader = spawn("reader.py", env, s.dir / name / "reader.log", s)
+    wait_for(lambda: store.pending_count() >= 4, timeout=60)
+    rows0, io0 = store.pending_count(), write_bytes(reader.pid)
+    time.sleep(window)
+    lines = (store.pending_count() - rows0) / 2
+    per_line = (write_bytes(reader.pid) - io0) / max(lines, 1)
+    stop(reader)
+    return per_line
+
+
+def bench_sd_steps(quick: bool):
+    """Each SD-card step's saving on the reader's side, the three layouts side by side at
+    the board's rate (the worker's side is in ``resources``)."""
+    s = Scratch()
+    window = 60 if quick else 300
+    steps = [("4 KiB pages, partial index on pending readings (schema v1)", 4096, True),
+             ("4 KiB pages, progress marker instead of the index", 4096, False),
+             ("1 KiB pages, progress marker (schema v2, a new store)", 1024, False)]
+    try:
+        results = {}
+        threads = [threading.Thread(target=lambda i=i, st=st: results.__setitem__(
+            i, _reader_bytes_per_line(s, f"step{i}", st[1], st[2], 5.0, window)))
+            for i, st in enumerate(steps)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (label, _, _) in enumerate(steps):
+            record(f"reader bytes written per line at a line per 5 s: {label}",
+                   results[i] / 1024, "KB/line")
+    finally:
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -362,6 +414,7 @@ BENCHES = {
                                            label=", 200 ms per response, BATCH_SIZE=50", target=1000),
     "live": bench_live_latency,
     "resources": bench_resources,
+    "sd_steps": bench_sd_steps,
 }
 
 

@@ -10,8 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from mash.contract import (ACTUATORS, KEEPALIVE, MAX_BOARD_COMMAND, MAX_LINE, RANGES, ROOMS,
-                           STATES)
+from mash.contract import ACTUATORS, MAX_BOARD_COMMAND, MAX_LINE, RANGES, ROOMS, STATES
 
 _CMD_RE = re.compile(r"^\[CMD\] Set ([A-Z0-9_]+) to (ON|OFF)\s*$")
 # The three [ERROR] lines the firmware prints in answer to a command.

@@ -25,6 +25,7 @@ from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.clock import utcnow
 from mash.config import ConfigError, Settings
+from mash.contract import KEEPALIVE
 from mash.housekeeping import Housekeeping
 from mash.logs import OncePerKind, setup_logging
 from mash.models import Store
@@ -166,7 +167,7 @@ class Reader:
                 except DatabaseError as exc:     # disk full, locked: the serial side goes on
                     log.debug("store busy or full: %s", exc)
                 if now - self.last_write >= self.KEEPALIVE_EVERY:
-                    self._write(link, protocol.KEEPALIVE)
+                    self._write(link, KEEPALIVE)
         except (serial.SerialException, OSError) as exc:
             return str(exc) or exc.__class__.__name__
         return None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mash.config import Settings, resolve_queue_dir
 from mash import tasks
+from mash.cloud.backend_api import BackendAPIClient
 from mash.models import Store
 from mash.tasks.context import WorkerContext
 from tests.services import Broker, DevServer, RTDBStandIn, make_service_account
@@ -148,3 +149,15 @@ def gateway(make_settings, devserver, broker, rtdb):
     ctx.stop()
     tasks.set_context(None)
     tasks.huey.immediate = False
+
+
+@pytest.fixture
+def client_for(make_settings):
+    clients = []
+    def make(server, **env):
+        c = BackendAPIClient(make_settings(**{**server.env(), **env}))
+        clients.append(c)
+        return c
+    yield make
+    for c in clients:
+        c.close()

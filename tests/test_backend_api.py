@@ -3,9 +3,8 @@ import time
 
 import jwt
 import pytest
-import requests
 
-from mash.cloud.backend_api import (AuthError, BackendAPIClient, PermanentError, RetryableError,
+from mash.cloud.backend_api import (AuthError, PermanentError, RetryableError,
                                     create_backend_client, unwrap)
 
 DEVICE = "rpi_gateway_001"
@@ -16,18 +15,6 @@ def reading(rid, **over):
          "timestamp": "2026-01-28T10:00:00.000Z"}
     r.update(over)
     return r
-
-
-@pytest.fixture
-def client_for(make_settings):
-    clients = []
-    def make(server, **env):
-        c = BackendAPIClient(make_settings(**{**server.env(), **env}))
-        clients.append(c)
-        return c
-    yield make
-    for c in clients:
-        c.close()
 
 
 def test_guide_example_authenticates_uploads_alerts_and_fetches(devserver, client_for):

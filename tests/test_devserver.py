@@ -4,7 +4,7 @@ import sys
 
 import requests
 
-from tests.test_backend_api import DEVICE, client_for, reading  # noqa: F401 (fixture)
+from tests.test_backend_api import DEVICE, reading
 
 
 def test_devserver_rejects_what_the_backend_would(devserver, client_for):

@@ -2,8 +2,6 @@
 process, and a disk that fills up."""
 import sqlite3
 
-import pytest
-
 from mash.alerts import AlertEvent
 from mash.models import SCHEMA_VERSION, Store
 from mash.reader import Reader

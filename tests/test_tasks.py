@@ -1,6 +1,7 @@
 """Task logic in Huey immediate mode against the reference backend, mosquitto and the RTDB
 stand-in."""
 import datetime as dt
+import logging
 import json
 import time
 
@@ -261,3 +262,21 @@ def test_live_feed_publishes_new_readings_fast_and_does_not_replay(gateway, obse
     assert msg[0]["readingId"] == gateway.store.reading_id(7)
     print(f"store -> MQTT subscriber: {latency * 1000:.0f} ms")
     assert latency < 2.0          # a sanity bound; the figure itself is measured in bench/
+
+
+def test_no_new_sync_is_enqueued_while_a_retry_of_one_is_pending(gateway, caplog):
+    from mash.tasks.schedule import IntervalScheduler
+    add_backlog(gateway.store, 10)
+    sync.ensure_registered(gateway)
+    gateway.devserver.faults(fail_next=50)
+    scheduler = IntervalScheduler(gateway, tasks.periodic_jobs(), tasks._busy_job)
+    with caplog.at_level("DEBUG", logger="mash"):
+        assert "sync" in scheduler.step(time.monotonic(), {"sync"})     # runs, fails, retry scheduled
+        assert [t.name for t in tasks.huey.scheduled()] == ["sync_readings"]
+        for _ in range(3):                                               # the outage goes on
+            assert "sync" not in scheduler.step(time.monotonic() + 3600, {"sync"})
+    assert len(tasks.huey.scheduled()) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors and not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
+    gateway.devserver.faults(fail_next=0)
+    tasks.huey.storage.flush_schedule()

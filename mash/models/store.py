@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import json
 import threading
 import time
 from pathlib import Path
 
-from peewee import IntegrityError, SqliteDatabase, fn
+from peewee import SqliteDatabase, fn
 
 from mash import ids
 from mash.clock import from_epoch, iso, utcnow
@@ -28,27 +27,14 @@ from mash.config import Settings
 from mash.contract import ROOMS
 from mash.models import retention, stats
 from mash.models.migrations import migrate
-from mash.models.outbox import ACK, ALERT, Outbox, ack_payload, alert_payload
-from mash.models.schema import (COMPLETED, FAILED, FINAL, PENDING, QUEUED, REJECTED, RUNNING,
-                                SYNCED, bind_models)
+from mash.models.ledger import LedgerMixin, writes
+from mash.models.outbox import ALERT, Outbox, alert_payload
+from mash.models.schema import PENDING, REJECTED, SYNCED, bind_models
 
 PAGE_SIZE = 1024
 
 
-def writes(method):
-    """Mark a Store method that writes: it runs under the store's write lock.
-
-    SQLite serialises writers anyway, but a thread that finds the database locked sleeps in
-    SQLite's busy handler (1, 2, 5 ... 100 ms steps); a Python lock wakes the next writer as
-    soon as the last one commits."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return locked
-
-
-class Store:
+class Store(LedgerMixin):
     """The guide's ``DatabaseManager``: readings in, queries out, for every process."""
 
     SINK_REFRESH = 300.0    # seconds between rewrites of an unchanged "online" (SD-card writes)
@@ -81,6 +67,7 @@ class Store:
         self._sink_seen: dict[str, tuple[bool, float]] = {}
 
     def close(self) -> None:
+        """Close this thread's connection to the file."""
         self.db.close()
 
     @contextlib.contextmanager
@@ -102,6 +89,7 @@ class Store:
         return ids.reading_id(self.uid, row_id)
 
     def alert_id(self, row_id: int) -> str:
+        """The id sinks know an alert row by."""
         return ids.alert_id(self.uid, row_id)
 
     # -- readings -----------------------------------------------------------------------
@@ -169,11 +157,13 @@ class Store:
 
     @writes
     def mark_synced(self, ids_: list[int]) -> int:
-        """Mark readings accepted by the backend; returns how many changed."""
+        """Mark readings accepted by the backend, count them (``sync_uploaded``) and move the
+        progress marker, in one transaction; returns how many changed."""
         S = self.m.SensorData
         with self.transaction():
             n = (S.update(synced=SYNCED, synced_at=utcnow())
                  .where(S.id.in_(ids_) & (S.synced != SYNCED)).execute())
+            self.incr("sync_uploaded", n)
             self._advance_backend_progress()
         return n
 
@@ -208,6 +198,7 @@ class Store:
         return list(S.select().where(cond).order_by(S.id).limit(limit))
 
     def last_reading_id(self) -> int:
+        """The newest reading's row id, or 0 for an empty store."""
         return self.m.SensorData.select(fn.MAX(self.m.SensorData.id)).scalar() or 0
 
     def pending_count(self) -> int:
@@ -218,20 +209,24 @@ class Store:
     # -- counters and meta --------------------------------------------------------------
     @writes
     def incr(self, name: str, n: int = 1) -> None:
+        """Atomically add ``n`` to the counter ``name`` (created at 0)."""
         C = self.m.Counter
         if n:
             (C.insert(name=name, value=n)
              .on_conflict(conflict_target=[C.name], update={C.value: C.value + n}).execute())
 
     def counters(self) -> dict[str, int]:
+        """Every counter: bad lines by kind, rejected commands, uploads, retention."""
         return {c.name: c.value for c in self.m.Counter.select()}
 
     def meta_get(self, key: str, default=None):
+        """The JSON value stored under ``key``, or ``default``."""
         row = self.m.KeyValue.get_or_none(self.m.KeyValue.key == key)
         return json.loads(row.value) if row else default
 
     @writes
     def meta_set(self, key: str, value) -> None:
+        """Store ``value`` (JSON) under ``key``, replacing what was there."""
         self.m.KeyValue.replace(key=key, value=json.dumps(value)).execute()
 
     # -- alerts -------------------------------------------------------------------------
@@ -279,92 +274,6 @@ class Store:
         """Anything owed to any sink (a read, no write)."""
         return self.outbox.owed()
 
-    # -- command ledger -----------------------------------------------------------------
-    @writes
-    def add_command(self, command_id: str, command: str, parameters: dict, source: str,
-                    expires_at: dt.datetime | None = None, status: str = QUEUED,
-                    reason: str | None = None) -> bool:
-        """Put a command in the ledger once; False when its id was already there. A command
-        added already final (rejected) is owed to the sinks at once."""
-        C = self.m.Command
-        now = utcnow()
-        final = status in FINAL
-        try:
-            with self.transaction():
-                if C.select().where(C.command_id == command_id).exists():
-                    return False
-                cmd = C.create(command_id=command_id, command=command,
-                               parameters=json.dumps(parameters), source=source,
-                               received_at=now, expires_at=expires_at, status=status,
-                               reason=reason, finished_at=now if final else None)
-                if final:
-                    self.outbox.add(ACK, command_id, ack_payload(cmd))
-        except IntegrityError:      # another thread or process stored it first
-            return False
-        return True
-
-    def known_command(self, command_id: str) -> bool:
-        C = self.m.Command
-        return C.select().where(C.command_id == command_id).exists()
-
-    def command(self, command_id: str):
-        """The ledger row of ``command_id``, or None."""
-        return self.m.Command.get_or_none(self.m.Command.command_id == command_id)
-
-    def next_board_command(self):
-        """The oldest ``set_actuator`` not yet final, or None."""
-        C = self.m.Command
-        return (C.select().where(C.status.in_([QUEUED, RUNNING]) & (C.command == "set_actuator"))
-                .order_by(C.seq).first())
-
-    @writes
-    def claim_command(self):
-        """Atomically take the next queued ``set_actuator`` for an executor other than the
-        reader (the guide's sync manager): mark it running and return it, or None."""
-        with self.transaction():
-            cmd = self.next_board_command()
-            if cmd is None or cmd.status != QUEUED:
-                return None
-            self.start_command(cmd.command_id)
-            return cmd
-
-    @writes
-    def start_command(self, command_id: str) -> int:
-        """Mark a command running (another attempt); returns its attempt count."""
-        C = self.m.Command
-        with self.transaction():
-            C.update(status=RUNNING, attempts=C.attempts + 1).where(
-                C.command_id == command_id).execute()
-            return C.get(C.command_id == command_id).attempts
-
-    @writes
-    def finish_command(self, command_id: str, ok: bool, reason: str | None = None,
-                       response: dict | None = None,
-                       desired: tuple[str, str] | None = None) -> bool:
-        """Atomically record a command's final status once, owe its ack to every sink and,
-        for a relay that switched, remember the desired state. False if it was already
-        final."""
-        C = self.m.Command
-        with self.transaction():
-            changed = (C.update(status=COMPLETED if ok else FAILED, reason=reason,
-                                response=json.dumps(response or {}), finished_at=utcnow())
-                       .where((C.command_id == command_id) & C.status.not_in(FINAL)).execute())
-            if changed:
-                self.outbox.add(ACK, command_id, ack_payload(self.command(command_id)))
-                if desired:
-                    self.set_desired(*desired)
-        return bool(changed)
-
-    # -- actuators ----------------------------------------------------------------------
-    def desired_states(self) -> dict[str, str]:
-        A = self.m.ActuatorState
-        return {a.actuator: a.desired for a in A.select().order_by(A.actuator)}
-
-    @writes
-    def set_desired(self, actuator: str, state: str) -> None:
-        self.m.ActuatorState.replace(actuator=actuator, desired=state,
-                                     updated_at=utcnow()).execute()
-
     # -- sinks --------------------------------------------------------------------------
     def _upsert_sink(self, name: str, **values) -> None:
         S = self.m.SinkState
@@ -397,6 +306,8 @@ class Store:
         return was_online
 
     def sink(self, name: str):
+        """The sink's row (``online``, ``last_ok``, ``last_error``, ``progress``); a blank
+        offline one for a sink never heard of."""
         S = self.m.SinkState
         return S.get_or_none(S.name == name) or S(name=name, online=0, progress=0)
 

@@ -12,7 +12,7 @@ import threading
 
 from mash.commands import Rejected, merge_configuration, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
-from mash.models import RUNNING
+from mash.models import FAILED, RUNNING
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.commands")
@@ -41,7 +41,7 @@ def intake(ctx, cmd: dict, source: str, size: int | None = None) -> str:
         command, params, expires = validate(cmd, ctx.settings.device_id, size)
     except Rejected as exc:
         name = cmd.get("command") if isinstance(cmd.get("command"), str) else "?"
-        if store.add_command(command_id, name[:64], {}, source, status="failed", reason=str(exc)):
+        if store.add_command(command_id, name[:64], {}, source, status=FAILED, reason=str(exc)):
             store.incr("bad_command.rejected")
             _rejected_log("rejected", f"{command_id}: {exc}")
             log.info("command %s from %s failed: %s", command_id, source, exc)

@@ -21,7 +21,7 @@ from typing import Callable
 
 log = logging.getLogger("mash.worker")
 
-TICK = 0.2
+TICK = 0.5      # s: a delivery waits at most this long for its enqueue
 
 
 @dataclass

@@ -21,16 +21,16 @@ FIREBASE_BATCH = 500
 
 
 def backend_call(ctx, fn, *args, **kwargs):
-    """Call the backend, keeping the sink's state in the store (``mash status``) and logging
-    one line per change of state."""
+    """Call the backend, keeping the sink's state in the store (``mash status``). The client
+    itself logs the one line per change of state (online / offline)."""
     try:
         result = fn(*args, **kwargs)
     except RetryableError as exc:
         if ctx.store.sink_failed("backend", str(exc)):
-            log.warning("backend unreachable: %s", exc)
+            log.debug("backend recorded offline: %s", exc)
         raise
     if ctx.store.sink_ok("backend"):
-        log.info("backend reachable")
+        log.debug("backend recorded online")
     return result
 
 
@@ -99,7 +99,6 @@ def sync_readings(ctx) -> int:
         if sent >= 1000:
             log.info("backlog drained: %d readings in %.1f s (%.0f readings/s)", sent, took,
                      sent / max(took, 1e-6))
-        store.incr("sync_uploaded", sent)
     if failures:
         raise failures[-1]
     return sent
