@@ -27,6 +27,7 @@ class InFlight:
     command_id: str | None       # None for a re-sent desired state
     written_at: float
     attempts: int
+    source: str = "restore"       # the ledger's source, or "restore"
 
 
 class BoardCommands:
@@ -34,11 +35,21 @@ class BoardCommands:
     ACK_ATTEMPTS = 3
     LEDGER_POLL = 0.1
 
-    def __init__(self, store, count_bad):
+    def __init__(self, store, count_bad, on_settled=None, restorable=None):
         self.store = store
         self.count_bad = count_bad        # fn(kind, detail): an unexpected reply is a bad line
+        # fn(actuator, state, source, ok): a relay command ended (the climate controller)
+        self.on_settled = on_settled or (lambda actuator, state, source, ok: None)
+        # fn() -> {actuator: state}: what to restore after a reset or a watchdog recovery
+        self.restorable = restorable or store.desired_states
         self.inflight: InFlight | None = None
         self.resync: deque[tuple[str, str]] = deque()
+        self._next_ledger = 0.0
+        self._data_version = None
+
+    def poke(self) -> None:
+        """This process put a command in the ledger: look at once (its own commit does not
+        change what ``data_version`` reports to it)."""
         self._next_ledger = 0.0
         self._data_version = None
 
@@ -52,7 +63,7 @@ class BoardCommands:
     def on_reset(self, line: str) -> None:
         """``[READY]``: the board booted with every relay OFF. Restore every desired state,
         then write again the command the reset swallowed."""
-        desired = self.store.desired_states()
+        desired = self.restorable()
         log.info("board reset (%s): relays are OFF, restoring %d desired state(s)", line,
                  len(desired))
         self.resync = deque(desired.items())
@@ -65,7 +76,7 @@ class BoardCommands:
         """``{"watchdog":"recovered"}``: relays are as they were and a command written just
         before still runs (its reply is still awaited). Re-send every desired state anyway:
         harmless when unchanged."""
-        desired = self.store.desired_states()
+        desired = self.restorable()
         log.info("board watchdog recovered: re-sending %d desired state(s)", len(desired))
         self.resync = deque(desired.items())
 
@@ -81,6 +92,8 @@ class BoardCommands:
             self.count_bad("unexpected_reply", msg.line)
             return
         self.inflight = None
+        self.poke()                        # the next queued command goes at once
+        self.on_settled(flight.actuator, flight.state, flight.source, ok)
         if flight.command_id is None:
             if not ok:
                 log.error("board refused restoring %s %s: %s", flight.actuator, flight.state,
@@ -90,7 +103,9 @@ class BoardCommands:
                                   response={"actuator": flight.actuator, "state": flight.state,
                                             "board": msg.line},
                                   desired=(flight.actuator, flight.state) if ok else None)
-        log.info("command %s %s: %s", flight.command_id, "completed" if ok else "failed", msg.line)
+        # the climate controller's own switches are logged by it, a line per rule change
+        log.log(logging.DEBUG if flight.source == "auto" and ok else logging.INFO,
+                "command %s %s: %s", flight.command_id, "completed" if ok else "failed", msg.line)
 
     def drive(self, write, now: float | None = None) -> None:
         """Write what is due: a command again after ACK_TIMEOUT, a desired state to restore,
@@ -102,6 +117,7 @@ class BoardCommands:
                 return
             if flight.written_at and flight.attempts >= self.ACK_ATTEMPTS:
                 self.inflight = None
+                self.on_settled(flight.actuator, flight.state, flight.source, False)
                 reason = f"no reply from the board after {flight.attempts} attempts"
                 if flight.command_id:
                     self.store.finish_command(flight.command_id, False, reason=reason)
@@ -141,5 +157,5 @@ class BoardCommands:
         attempts = self.store.start_command(cmd.command_id)
         payload = json.loads(line)
         self.inflight = InFlight(payload["actuator"], payload["state"], cmd.command_id, now,
-                                 attempts)
+                                 attempts, cmd.source)
         write(line)

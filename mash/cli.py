@@ -9,6 +9,7 @@ import time
 
 from mash import devserver, reader, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
+from mash.control import effective_modes
 from mash.logs import setup_logging
 from mash.models import Store
 
@@ -85,7 +86,11 @@ def wait_for_drain(store: Store, start_pending: int, timeout: float, out=sys.std
 
 
 def cmd_status(args) -> int:
-    stats = Store(Settings.load().db_path).get_stats()
+    settings = Settings.load()
+    store = Store(settings.db_path)
+    stats = store.get_stats()
+    stats["mode"] = effective_modes(settings.control_mode,
+                                    (store.meta_get("configuration") or {}).get("mode"))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -102,6 +107,9 @@ def cmd_status(args) -> int:
     print(f"last reading: {stats['last_reading'] or 'none yet'}")
     print(f"alerts undelivered: {stats['alerts_pending']}, command acks undelivered: "
           f"{stats['commands_unacked']}, bad lines: {stats['bad_lines']}")
+    print("climate control: " + ", ".join(f"{room} {m}" for room, m in stats["mode"].items()))
+    for actuator, a in stats["actuators"].items():
+        print(f"  {actuator:<22} {a['state']:<3} set by {a['source']} since {a['since']}")
     return 0
 
 

@@ -12,11 +12,13 @@ import re
 
 from mash import protocol
 from mash.clock import parse_iso, utcnow
-from mash.config import ConfigError, merge_thresholds
+from mash.contract import ROOMS
+from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
 from mash.contract import COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES
 
 INTERVAL_SETTINGS = ("sync_interval", "command_poll_interval", "heartbeat_interval")
-CONFIGURABLE = ("thresholds",) + INTERVAL_SETTINGS
+CONFIGURABLE = ("thresholds", "mode", "control") + INTERVAL_SETTINGS
+ROOM_MODES = ("auto", "manual")
 
 # The id of a payload too large to parse whole: the first "id" string in it.
 _ID_RE = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.){1,%d})"' % MAX_COMMAND_ID)
@@ -101,6 +103,17 @@ def validate_configuration(params: dict) -> None:
                              else None, "thresholds")
         except ConfigError as exc:
             raise Rejected(f"malformed: {exc.why}") from None
+    if "control" in params:
+        try:
+            merge_control(DEFAULT_CONTROL, params["control"], "control")
+        except ConfigError as exc:
+            raise Rejected(f"malformed: control: {exc.why}") from None
+    if "mode" in params:
+        modes = params["mode"]
+        if not isinstance(modes, dict) or not all(
+                room in ROOMS and m in ROOM_MODES for room, m in modes.items()):
+            raise Rejected(f"malformed: mode must be an object of rooms ({', '.join(ROOMS)}) "
+                           f"set to {' or '.join(ROOM_MODES)}")
     for key in INTERVAL_SETTINGS:
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -112,10 +125,15 @@ def merge_configuration(current: dict, params: dict) -> dict:
     """The stored configuration after a CONFIGURE: thresholds merged per room and limit,
     other settings replaced."""
     merged = dict(current or {})
-    if "thresholds" in params:
-        limits = {room: dict(v) for room, v in merged.get("thresholds", {}).items()}
-        for room, values in params["thresholds"].items():
-            limits[room] = {**limits.get(room, {}), **values}
-        merged["thresholds"] = limits
-    merged.update({k: v for k, v in params.items() if k != "thresholds"})
+    for per_room in ("thresholds", "control"):
+        if per_room in params:
+            rooms = {k: dict(v) if isinstance(v, dict) else v
+                     for k, v in merged.get(per_room, {}).items()}
+            for room, values in params[per_room].items():
+                rooms[room] = ({**rooms.get(room, {}), **values} if isinstance(values, dict)
+                               else values)
+            merged[per_room] = rooms
+    if "mode" in params:
+        merged["mode"] = {**merged.get("mode", {}), **params["mode"]}
+    merged.update({k: v for k, v in params.items() if k not in ("thresholds", "control", "mode")})
     return merged

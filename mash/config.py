@@ -17,31 +17,13 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from mash.contract import ROOMS
+from mash.rules import (DEFAULT_CONTROL, DEFAULT_THRESHOLDS, ConfigError, merge_control,
+                        merge_thresholds)
 
 
-# Per-room alert limits. ``co2_critical`` is the guide's ``co2 > 1500 -> CRITICAL high_co2``;
-# it is a fruiting-room rule: a spawning room runs at 2,000-5,000 ppm on purpose (the firmware's
-# own sample reads 3,100), so it has no CO2 limit unless ALERT_THRESHOLDS gives one.
-DEFAULT_THRESHOLDS = {
-    "fruiting": {"temp_min": 22.0, "temp_max": 26.0, "humidity_min": 80.0, "co2_max": 1000.0,
-                 "co2_critical": 1500.0},
-    "spawning": {"temp_min": 26.0, "temp_max": 30.0, "humidity_min": 65.0},
-}
-THRESHOLD_KEYS = ("temp_min", "temp_max", "humidity_min", "humidity_max", "co2_max",
-                  "co2_critical")
-
+CONTROL_MODES = ("auto", "manual", "off")
 STANDARD_BAUDS = (300, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-
-
-class ConfigError(ValueError):
-    """A configuration value the gateway cannot run with; ``str()`` is the one line to show."""
-
-    def __init__(self, key: str, why: str, value: object = None):
-        self.key, self.why = key, why
-        shown = "" if value is None or "PASSWORD" in key else f"={value}"
-        super().__init__(f"configuration error: {key}{shown}: {why}")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -53,34 +35,6 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def merge_thresholds(base: dict, override: object, key: str = "ALERT_THRESHOLDS") -> dict:
-    """Overlay ``override`` ({room: {limit: number}}) on ``base``; raise ConfigError on any
-    unknown room, unknown limit or non-number. Used for .env and the CONFIGURE command."""
-    if not isinstance(override, dict):
-        raise ConfigError(key, "must be a JSON object of rooms")
-    merged = {room: dict(limits) for room, limits in base.items()}
-    for room, limits in override.items():
-        if room not in ROOMS:
-            raise ConfigError(key, f"unknown room {room!r} (rooms: {', '.join(ROOMS)})")
-        if not isinstance(limits, dict):
-            raise ConfigError(key, f"{room}: must be an object of limits")
-        merged.setdefault(room, {})
-        for name, value in limits.items():
-            if name not in THRESHOLD_KEYS:
-                raise ConfigError(key, f"{room}: unknown limit {name!r} "
-                                       f"(limits: {', '.join(THRESHOLD_KEYS)})")
-            if value is None:
-                merged[room].pop(name, None)
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ConfigError(key, f"{room}.{name}: must be a number")
-            merged[room][name] = float(value)
-        lo, hi = merged[room].get("temp_min"), merged[room].get("temp_max")
-        if lo is not None and hi is not None and lo >= hi:
-            raise ConfigError(key, f"{room}: temp_min must be below temp_max")
-    return merged
 
 
 RAM_DIR = Path("/dev/shm")
@@ -145,6 +99,9 @@ class Settings:
     thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
     stale_after: int = 120
     max_db_mb: int = 1024
+    control_mode: str = "auto"
+    override_minutes: float = 30.0
+    control_rules: dict = field(default_factory=dict)
     log_level: str = "INFO"
 
     # -- derived -------------------------------------------------------------------------
@@ -269,6 +226,19 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR", level)
 
+        control_mode = text("CONTROL_MODE", "auto").lower()
+        if control_mode not in CONTROL_MODES:
+            raise ConfigError("CONTROL_MODE", f"must be one of {', '.join(CONTROL_MODES)}",
+                              control_mode)
+        raw_rules = text("CONTROL_RULES")
+        control_rules = {}
+        if raw_rules:
+            try:
+                control_rules = json.loads(raw_rules)
+            except ValueError:
+                raise ConfigError("CONTROL_RULES", 'must be JSON like {"fruiting":{"humidity_low":86}}') from None
+        merge_control(DEFAULT_CONTROL, control_rules)         # raises ConfigError naming the key
+
         fb_url = text("FIREBASE_DATABASE_URL")
         if fb_url and not urlsplit(fb_url).scheme.startswith("http"):
             raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
@@ -302,5 +272,8 @@ class Settings:
             thresholds=thresholds,
             stale_after=integer("STALE_AFTER", 120, 10, 86400),
             max_db_mb=integer("MAX_DB_MB", 1024, 1, 1_000_000),
+            control_mode=control_mode,
+            override_minutes=integer("OVERRIDE_MINUTES", 30, 1, 7 * 24 * 60),
+            control_rules=control_rules,
             log_level=level,
         )

@@ -7,7 +7,9 @@ import logging
 import time
 
 from mash.alerts import AlertEngine, AlertEvent
-from mash.config import ConfigError, Settings, merge_thresholds
+from mash.config import Settings
+from mash.control import ClimateController
+from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
 
 log = logging.getLogger("mash.reader")
 
@@ -17,8 +19,10 @@ class Housekeeping:
     SUMMARY_EVERY = 60.0
     BUDGET_EVERY = 60.0
 
-    def __init__(self, settings: Settings, store, engine: AlertEngine):
+    def __init__(self, settings: Settings, store, engine: AlertEngine,
+                 controller: ClimateController | None = None):
         self.settings, self.store, self.engine = settings, store, engine
+        self.controller = controller
         self._configured = None
         self._storage_over = (store.meta_get("storage") or {}).get("over")
         self._last = 0.0
@@ -74,15 +78,30 @@ class Housekeeping:
         self._storage_over = state["over"]
 
     def reload_configuration(self) -> None:
-        """Thresholds set by CONFIGURE (stored by the worker) apply within a few seconds."""
+        """Thresholds, control rules and room modes set by CONFIGURE (stored by the worker)
+        apply within a few seconds."""
         configured = self.store.meta_get("configuration")
         if configured == self._configured:
             return
         self._configured = configured
-        if configured and configured.get("thresholds"):
+        configured = configured or {}
+        if configured.get("thresholds"):
             try:
                 self.engine.thresholds = merge_thresholds(self.settings.thresholds,
                                                           configured["thresholds"], "CONFIGURE")
                 log.info("alert thresholds updated by CONFIGURE")
             except ConfigError as exc:
                 log.error("ignoring configured thresholds: %s", exc)
+        if self.controller is None:
+            return
+        try:
+            if configured.get("control"):
+                base = merge_control(DEFAULT_CONTROL, self.settings.control_rules)
+                self.controller.rules = merge_control(base, configured["control"], "CONFIGURE")
+                log.info("climate control rules updated by CONFIGURE")
+            if configured.get("mode"):
+                self.controller.set_room_modes(configured["mode"])
+                log.info("room modes: %s", ", ".join(f"{room} {m}" for room, m in
+                                                     self.controller.status()["mode"].items()))
+        except ConfigError as exc:
+            log.error("ignoring configured climate control: %s", exc)

@@ -39,3 +39,8 @@ def firebase_key(ts: dt.datetime, previous: str | None = None) -> str:
         n = int(previous.rsplit("-", 1)[1]) + 1 if previous != base else 1
         return f"{base}-{n}"
     return base
+
+
+def auto_command_id() -> str:
+    """A ledger id for the climate controller's own command."""
+    return f"auto-{secrets.token_hex(8)}"

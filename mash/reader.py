@@ -20,12 +20,14 @@ import serial
 from peewee import DatabaseError
 from serial.tools import list_ports
 
-from mash import protocol
+from mash import ids, protocol
 from mash.alerts import AlertEngine
 from mash.board import BoardCommands
+from mash.chamber import Chamber
 from mash.clock import utcnow
 from mash.config import ConfigError, Settings
 from mash.contract import KEEPALIVE
+from mash.control import ROOM_OF, ClimateController
 from mash.housekeeping import Housekeeping
 from mash.logs import OncePerKind, setup_logging
 from mash.models import Store
@@ -53,17 +55,25 @@ class Reader:
     SILENCE = 30.0
     RECONNECT_MAX = 2.0
     UNSTORED_MAX = 50_000
+    CONTROL_TICK = 1.0          # s of the controller's clock between decisions
 
-    def __init__(self, settings: Settings, store: Store | None = None):
+    def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
+                 wallclock=None):
         self.settings = settings
         self.store = store or Store(settings.db_path)
         self.stop_event = threading.Event()
         self.engine = AlertEngine(settings.thresholds, settings.stale_after,
-                                  active=self.store.active_alert_keys())
-        self.housekeeping = Housekeeping(settings, self.store, self.engine)
+                                  active=self.store.active_alert_keys(), clock=clock)
+        self.controller = ClimateController(settings.control_rules, settings.control_mode,
+                                            override_s=settings.override_minutes * 60,
+                                            stale_after=settings.stale_after, clock=clock,
+                                            wallclock=wallclock)
+        self.housekeeping = Housekeeping(settings, self.store, self.engine, self.controller)
         self.bad = OncePerKind(log, "bad line from board")
         self.bad_counts: dict[str, int] = {}
-        self.board = BoardCommands(self.store, self._count_bad)
+        self.board = BoardCommands(self.store, self._count_bad, on_settled=self._settled,
+                                   restorable=self._restorable)
+        self._last_decision = float("-inf")
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
@@ -83,7 +93,7 @@ class Reader:
         port = self.settings.serial_port
         if port == "sim":
             if self._sim is None:
-                self._sim = SimulatedBoard(interval=5.0).start()
+                self._sim = SimulatedBoard(interval=5.0, chamber=Chamber()).start()
                 log.info("no board configured: using the simulated board on %s", self._sim.port)
             return self._sim.port
         return port or find_board()
@@ -154,7 +164,7 @@ class Reader:
                             discarding = False
                             continue
                         self.last_line = now
-                        self.handle_line(line)
+                        self.handle_line(line, write)
                     if len(buf) > protocol.MAX_LINE:
                         self._count_bad("too_long", f"more than {protocol.MAX_LINE} bytes without a newline")
                         buf.clear()
@@ -162,6 +172,7 @@ class Reader:
                 if now - self.last_line > self.SILENCE:
                     return f"no line for {self.SILENCE:.0f} s"
                 try:
+                    self.control(write)
                     self.board.drive(write, now)
                     self.chores()
                 except DatabaseError as exc:     # disk full, locked: the serial side goes on
@@ -178,13 +189,15 @@ class Reader:
         self.last_write = time.monotonic()
 
     # -- lines --------------------------------------------------------------------------
-    def handle_line(self, raw: bytes) -> None:
+    def handle_line(self, raw: bytes, write=None) -> None:
         msg = protocol.parse_line(raw)
         if isinstance(msg, protocol.Reading):
             for room, kind in msg.rejected.items():
                 self._count_bad(kind, f"{room}: {raw[:120]!r}")
             if msg.rooms:
                 self._store_reading(msg)
+                if write is not None:
+                    self.control(write, now=True)     # a fresh reading: decide at once
         elif isinstance(msg, protocol.Bad):
             self._count_bad(msg.kind, msg.detail)
         elif isinstance(msg, protocol.Ack):
@@ -192,6 +205,7 @@ class Reader:
         elif isinstance(msg, protocol.CommandError):
             self.board.on_reply(False, msg)
         elif isinstance(msg, protocol.BoardReset):
+            self.controller.board_reset()
             self.board.on_reset(msg.line)
         elif isinstance(msg, protocol.WatchdogRecovered):
             self.board.on_recovered(msg.line)
@@ -209,6 +223,7 @@ class Reader:
         events = []
         for r in msg.rooms:
             events += self.engine.check_reading(r.room, r.temp, r.humidity, r.co2)
+            self.controller.observe(r.room, r.temp, r.humidity, r.co2)
         self.unstored.append((data, utcnow(), events))
         self._flush_unstored()
         if self.stored_rows == 0 and not self.unstored:
@@ -247,6 +262,40 @@ class Reader:
         if self.store_error is not None:
             log.info("store writable again: held readings written")
             self.store_error = None
+
+    # -- climate control ------------------------------------------------------------------
+    def control(self, write, now: bool = False) -> None:
+        """Ask the controller what to switch (every CONTROL_TICK, or ``now``) and put each
+        change in the ledger as an ``auto`` command; the board driver writes it next."""
+        tick = self.controller.clock()
+        if not now and tick - self._last_decision < self.CONTROL_TICK:
+            return
+        self._last_decision = tick
+        changes = self.controller.decide()
+        for actuator, state in changes.items():
+            if self.store.add_command(ids.auto_command_id(), "set_actuator",
+                                      {"actuator": actuator, "state": state}, "auto"):
+                self.controller.switched(actuator, state)
+                log.debug("control: %s %s", actuator, state)
+        if changes:
+            self.board.poke()
+            self.board.drive(write)
+
+    def _settled(self, actuator: str, state: str, source: str, ok: bool) -> None:
+        if ok:
+            self.controller.known_state(actuator, state, source)
+        elif source == "auto":
+            self.controller.refused(actuator)
+
+    def _restorable(self) -> dict[str, str]:
+        """After a reset: every desired state but those the controller set in a room it
+        drives (it decides those afresh, so no relay comes back ON that it no longer wants)."""
+        return {a: s for a, s in self.store.desired_states().items()
+                if not (a in ROOM_OF and self.controller.room_mode(ROOM_OF[a]) == "auto"
+                        and self._auto_set(a))}
+
+    def _auto_set(self, actuator: str) -> bool:
+        return self.store.actuator_states().get(actuator, {}).get("source") == "auto"
 
     # -- periodic -----------------------------------------------------------------------
     def chores(self) -> None:

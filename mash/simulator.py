@@ -18,6 +18,7 @@ import time
 import tty
 from pathlib import Path
 
+from mash.chamber import Chamber, SimClock
 from mash.contract import ACTUATORS, KEEPALIVE
 from mash.protocol import encode_reading
 
@@ -41,12 +42,19 @@ BANNER = [
 
 class SimulatedBoard:
     def __init__(self, interval: float = 5.0, link: str | os.PathLike | None = None,
-                 watchdog_after: float = 60.0, seed: int | None = None):
+                 watchdog_after: float = 60.0, seed: int | None = None,
+                 chamber: Chamber | None = None, clock: SimClock | None = None):
         self.interval = interval
         self.link = Path(link) if link else None
         self.watchdog_after = watchdog_after
         self.rng = random.Random(seed)
         self.actuators = {name: "OFF" for name in ACTUATORS}
+        # With a chamber, readings come from its physics, which answers the relays, on
+        # ``clock`` (simulated seconds); ``switches`` logs (sim time, actuator, state).
+        self.chamber = chamber
+        self.clock = clock or SimClock()
+        self._sim_at = self.clock.now()
+        self.switches: list[tuple[float, str, str]] = []
         self.received: list[bytes] = []          # every line the gateway wrote, in order
         self.sent_readings = 0
         self.boots = 0                           # banners printed (power-on, resets, opens)
@@ -148,13 +156,13 @@ class SimulatedBoard:
     def replug(self, banner: bool = True) -> None:
         """Plugged back in: a new tty under the same link, and the board boots (relays OFF)."""
         self._open_pty()
-        self.actuators = {name: "OFF" for name in ACTUATORS}
+        self._all_off()
         if banner:
             self._banner()
 
     def reset(self) -> None:
         """The board reboots (brown-out, watchdog, reset button): banner, every relay OFF."""
-        self.actuators = {name: "OFF" for name in ACTUATORS}
+        self._all_off()
         self._banner()
 
     def inject(self, raw: bytes) -> None:
@@ -174,6 +182,24 @@ class SimulatedBoard:
         (self.invalid_rooms.add if invalid else self.invalid_rooms.discard)(room)
 
     # -- behaviour ------------------------------------------------------------------------
+    def _set(self, actuator: str, state: str) -> None:
+        """Switch one relay (the chamber's physics up to now ran with it as it was)."""
+        if self.actuators.get(actuator) == state:
+            return
+        self._advance()
+        self.actuators[actuator] = state
+        self.switches.append((self.clock.now(), actuator, state))
+
+    def _all_off(self) -> None:
+        for name in ACTUATORS:
+            self._set(name, "OFF")
+
+    def _advance(self) -> None:
+        if self.chamber is not None:
+            now = self.clock.now()
+            self.chamber.step(now - self._sim_at, dict(self.actuators))
+            self._sim_at = now
+
     def _banner(self) -> None:
         self._write("".join(line + "\r\n" for line in BANNER).encode())
         self.boots += 1
@@ -185,6 +211,12 @@ class SimulatedBoard:
             vals[2] = min(max(vals[2] + self.rng.uniform(-25, 25), 420.0), 4800.0)
 
     def _reading(self) -> dict:
+        if self.chamber is not None:
+            self._advance()
+            out = self.chamber.reading()
+            for room in self.invalid_rooms:
+                out[room] = {"error": "invalid_reading"}
+            return out
         self._drift()
         out = {}
         for room, (t, h, c) in self._values.items():
@@ -260,7 +292,7 @@ class SimulatedBoard:
         state = "ON" if state == "ON" else "OFF"
         if self.reply_delay:
             time.sleep(self.reply_delay)          # the firmware's loop is blocked meanwhile
-        self.actuators[actuator] = state
+        self._set(actuator, state)
         self._write(f"[CMD] Set {actuator} to {state}\r\n".encode())
 
     def _run(self) -> None:
@@ -270,7 +302,7 @@ class SimulatedBoard:
         while not self._stop.is_set():
             if self._opened_by_host():
                 boot_at = time.monotonic() + BOOT_TIME      # DTR reset: the board reboots
-                self.actuators = {name: "OFF" for name in ACTUATORS}
+                self._all_off()
             if boot_at and time.monotonic() >= boot_at:
                 boot_at = None
                 self._banner()
@@ -292,6 +324,8 @@ class SimulatedBoard:
                     chunk = os.read(fd, 4096)
                 except (BlockingIOError, OSError):
                     chunk = b""
+                if boot_at is not None:
+                    chunk = buf = b""   # the bootloader runs: no sketch reads the line yet
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
@@ -304,14 +338,14 @@ class SimulatedBoard:
             if (not self._watchdog_tripped and self.watchdog_after
                     and now - self._last_input > self.watchdog_after):
                 self._watchdog_tripped = True
-                self.actuators = {name: "OFF" for name in ACTUATORS}
+                self._all_off()
                 self._write(f"[WATCHDOG] No serial data for {int(self.watchdog_after)}s "
                             "(RPi keepalive missing)\r\n".encode())
 
 
 def main(interval: float = 5.0, link: str | None = None) -> None:
     """``mash simulate``: run a board until Ctrl-C, printing where to point SERIAL_PORT."""
-    board = SimulatedBoard(interval=interval, link=link).start()
+    board = SimulatedBoard(interval=interval, link=link, chamber=Chamber()).start()
     print(f"simulated MASH board on {board.port} (a reading every {interval:g} s); Ctrl-C stops",
           flush=True)
     try:

@@ -14,6 +14,7 @@ import time
 
 from mash.config import Settings
 from mash.reader import find_board
+from mash.chamber import Chamber
 from mash.simulator import SimulatedBoard
 
 SERVICES = ("mash.reader", "mash.worker")
@@ -24,8 +25,8 @@ def run(settings: Settings, interval: float = 5.0, out=sys.stdout) -> int:
     board = None
     if settings.serial_port == "sim" or (settings.serial_port is None and not find_board()):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        board = SimulatedBoard(interval=interval,
-                               link=settings.data_dir.resolve() / "sim-tty").start()
+        board = SimulatedBoard(interval=interval, link=settings.data_dir.resolve() / "sim-tty",
+                               chamber=Chamber()).start()
         env["SERIAL_PORT"] = board.port
         print(f"no Arduino attached: simulated board on {board.port}, a reading every "
               f"{interval:g} s", file=out, flush=True)

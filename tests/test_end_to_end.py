@@ -19,7 +19,7 @@ def test_board_to_cloud_and_command_back_with_real_processes(tmp_path, devserver
     board = SimulatedBoard(interval=0.2, link=tmp_path / "ttyMASH", seed=7).start(banner=False)
     env = dict(os.environ, **devserver.env(), **broker.env(), MASH_DATA_DIR=str(data),
                SERIAL_PORT=board.port, FIREBASE_DATABASE_URL="https://mash-test.firebaseio.com",
-               FIREBASE_CREDENTIALS=str(rtdb.credentials), SYNC_INTERVAL="3600",
+               FIREBASE_CREDENTIALS=str(rtdb.credentials), SYNC_INTERVAL="3600", CONTROL_MODE="off",
                COMMAND_POLL_INTERVAL="2", HEARTBEAT_INTERVAL="2", PYTHONPATH=str(ROOT))
     logs = open(tmp_path / "processes.log", "ab")
     reader = subprocess.Popen([sys.executable, str(ROOT / "reader.py")], env=env, cwd=str(tmp_path),

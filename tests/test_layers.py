@@ -11,9 +11,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mash"
 
 # Bottom to top. A module may import from its own layer or any layer below.
 LAYERS = [
-    ("foundation", ["mash", "mash.contract", "mash.config", "mash.clock", "mash.ids", "mash.logs"]),
+    ("foundation", ["mash", "mash.contract", "mash.config", "mash.clock", "mash.ids", "mash.logs",
+                    "mash.rules"]),
     ("store", ["mash.models", "mash.models.*"]),
-    ("logic", ["mash.protocol", "mash.alerts", "mash.commands", "mash.control"]),
+    ("logic", ["mash.protocol", "mash.alerts", "mash.commands", "mash.control", "mash.chamber"]),
     ("clients", ["mash.cloud", "mash.cloud.errors", "mash.cloud.backend_api",
                  "mash.cloud.mqtt_client", "mash.cloud.firebase"]),
     ("services", ["mash.simulator", "mash.board", "mash.housekeeping", "mash.reader",

@@ -27,7 +27,8 @@ def start_reader(make_settings, board):
     started = []
 
     def start(**attrs):
-        settings = make_settings(SERIAL_PORT=board.port)
+        # the command path alone: climate control has tests of its own (test_control_loop)
+        settings = make_settings(SERIAL_PORT=board.port, CONTROL_MODE="off")
         r = Reader(settings)
         for k, v in attrs.items():
             setattr(r.board if hasattr(r.board, k) else r, k, v)

@@ -227,6 +227,13 @@ class MQTTClient:
                                        "timestamp": timestamp or iso(utcnow())},
                             on_confirm=on_confirm)
 
+    def publish_actuator_states(self, states: dict, modes: dict, on_confirm=None) -> bool:
+        """Retained ``actuator_states`` (CONTRACT §7): each relay's state, who set it and
+        since when, and each room's mode."""
+        return self.publish("actuator_states", {"timestamp": iso(utcnow()), "mode": modes,
+                                                "actuators": states},
+                            retain=True, qos=1, on_confirm=on_confirm)
+
     def publish_ack(self, command_id: str, status: str, response: dict | None = None,
                     on_confirm=None) -> bool:
         return self.publish("command_ack", {"id": command_id, "status": status,

@@ -9,7 +9,7 @@ import json
 
 from peewee import IntegrityError
 
-from mash.clock import utcnow
+from mash.clock import iso, utcnow
 from mash.models.outbox import ACK, ack_payload
 from mash.models.schema import COMPLETED, FAILED, FINAL, QUEUED, RUNNING
 
@@ -103,20 +103,37 @@ class LedgerMixin:
                                 response=json.dumps(response or {}), finished_at=utcnow())
                        .where((C.command_id == command_id) & C.status.not_in(FINAL)).execute())
             if changed:
-                self.outbox.add(ACK, command_id, ack_payload(self.command(command_id)))
+                cmd = self.command(command_id)
+                self.outbox.add(ACK, command_id, ack_payload(cmd))
                 if desired:
-                    self.set_desired(*desired)
+                    self.set_desired(*desired, source=cmd.source)
         return bool(changed)
 
     # -- actuators ----------------------------------------------------------------------
-    def desired_states(self) -> dict[str, str]:
+    def desired_states(self, exclude_source: str | None = None) -> dict[str, str]:
         """{actuator: ON|OFF}: the state each relay should be in (the last a completed
-        command set), restored after a board reset."""
+        command set), restored after a board reset; without those ``exclude_source`` set
+        (the climate controller decides its own afresh)."""
         A = self.m.ActuatorState
-        return {a.actuator: a.desired for a in A.select().order_by(A.actuator)}
+        query = A.select().order_by(A.actuator)
+        if exclude_source is not None:
+            query = query.where(A.source != exclude_source)
+        return {a.actuator: a.desired for a in query}
+
+    def actuator_states(self) -> dict[str, dict]:
+        """{actuator: {"state", "source", "since"}} as the board last confirmed them."""
+        A = self.m.ActuatorState
+        return {a.actuator: {"state": a.desired, "source": a.source, "since": iso(a.updated_at)}
+                for a in A.select().order_by(A.actuator)}
 
     @writes
-    def set_desired(self, actuator: str, state: str) -> None:
-        """Remember the state ``actuator`` should be in."""
-        self.m.ActuatorState.replace(actuator=actuator, desired=state,
-                                     updated_at=utcnow()).execute()
+    def set_desired(self, actuator: str, state: str, source: str = "local") -> None:
+        """Remember the state ``actuator`` should be in and who set it (``since`` moves only
+        when the state changes)."""
+        A = self.m.ActuatorState
+        row = A.get_or_none(A.actuator == actuator)
+        if row is not None and row.desired == state:
+            if row.source != source:
+                A.update(source=source).where(A.actuator == actuator).execute()
+            return
+        A.replace(actuator=actuator, desired=state, updated_at=utcnow(), source=source).execute()

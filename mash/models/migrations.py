@@ -29,7 +29,7 @@ class SchemaTooNew(RuntimeError):
 def _v2(db, migrator, m) -> None:
     """One outbox for alerts and acks instead of per-table delivery columns; the backend's
     progress marker instead of the partial index on pending readings (an index page less
-    written per reading)."""
+    written per reading); who set each relay (the climate controller's restore rule)."""
     db.create_tables([m.Outbox])
     uid_row = db.execute_sql("SELECT value FROM meta WHERE key = 'db_uid'").fetchone()
     uid = json.loads(uid_row[0]) if uid_row else "0"
@@ -65,6 +65,7 @@ def _v2(db, migrator, m) -> None:
                                                        "mqtt_done_at")],
         *[migrator.drop_column("commands", c) for c in ("backend_acked_at", "backend_ack_error",
                                                          "mqtt_acked_at")])
+    apply_operations(migrator.add_column("actuator_state", "source", m.ActuatorState.source))
     db.execute_sql("DROP INDEX IF EXISTS sensor_data_pending")
     first = db.execute_sql("SELECT MIN(id) FROM sensor_data WHERE synced = 0").fetchone()[0]
     last = db.execute_sql("SELECT MAX(id) FROM sensor_data").fetchone()[0] or 0

@@ -92,9 +92,11 @@ class Outbox(Model):
 
 
 class ActuatorState(Model):
+    """Each relay's state as the board last confirmed it, who set it and since when."""
     actuator = CharField(primary_key=True)
     desired = CharField()
     updated_at = DateTimeField()
+    source = CharField(default="backend")    # backend | mqtt | local | auto
 
     class Meta:
         table_name = "actuator_state"

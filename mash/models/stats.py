@@ -41,5 +41,6 @@ def collect(store) -> dict:
         "storage_used_mb": storage.get("used_mb"),
         "storage_over_budget": bool(storage.get("over")),
         "readings_deleted_by_retention": counters.get("retention_deleted", 0),
+        "actuators": store.actuator_states(),
         "schema_version": SCHEMA_VERSION,
     }

@@ -15,6 +15,7 @@ from mash.cloud.backend_api import BackendAPIClient
 from mash.cloud.firebase import FirebaseSync
 from mash.cloud.mqtt_client import MQTTClient
 from mash.config import Settings
+from mash.control import effective_modes
 from mash.models import Store
 
 log = logging.getLogger("mash.worker")
@@ -105,8 +106,14 @@ class WorkerContext:
                         if t == self.CONFIRMED and i not in owed_ids]:
             self.in_flight.pop(item_id, None)
 
+    def stats(self) -> dict:
+        """The guide's stats, and each room's control mode."""
+        configured = self.store.meta_get("configuration") or {}
+        return {**self.store.get_stats(),
+                "mode": effective_modes(self.settings.control_mode, configured.get("mode"))}
+
     def publish_status(self) -> dict:
-        stats = self.store.get_stats()
+        stats = self.stats()
         if self.mqtt is not None and self.mqtt.is_alive():
             self.mqtt.publish_status("online", **stats)
         return stats

@@ -1,4 +1,5 @@
-"""The live MQTT feed: each new reading published within ~50 ms of the reader's commit.
+"""The live MQTT feed: each new reading published within ~50 ms of the reader's commit, and
+the retained ``actuator_states`` whenever a relay or a room's mode changes.
 
 It watches SQLite's ``data_version`` (no write, no queue). Readings taken while the broker
 was away are not replayed here: they reach the backend and Firebase with their timestamps,
@@ -12,6 +13,7 @@ import threading
 from itertools import groupby
 
 from mash.clock import to_epoch
+from mash.control import effective_modes
 
 log = logging.getLogger("mash.worker")
 
@@ -22,6 +24,7 @@ class LiveFeed:
     def __init__(self, ctx):
         self.ctx = ctx
         self.published = 0
+        self._actuators = None          # the last actuator_states published
         self._stop = threading.Event()
         self._thread = None
 
@@ -43,19 +46,29 @@ class LiveFeed:
                 alive = mqtt.is_alive()
                 if alive and not was_alive:
                     last_id = store.last_reading_id()
+                    self._actuators = None        # a new session: say it again (retained)
                 was_alive = alive
                 if alive:
                     v = store.data_version()
-                    if v != version:
+                    if v != version or self._actuators is None:
                         version = v
                         rows = store.readings_after(last_id, 500)
                         if rows:
                             last_id = rows[-1].id
                             self._publish(rows)
+                        self._publish_actuators()
             except Exception:
                 log.exception("live feed step failed")
                 self._stop.wait(1.0)
             self._stop.wait(self.POLL)
+
+    def _publish_actuators(self) -> None:
+        """The retained ``actuator_states`` whenever a relay or a room's mode changed."""
+        configured = self.ctx.store.meta_get("configuration") or {}
+        snapshot = (self.ctx.store.actuator_states(),
+                    effective_modes(self.ctx.settings.control_mode, configured.get("mode")))
+        if snapshot != self._actuators and self.ctx.mqtt.publish_actuator_states(*snapshot):
+            self._actuators = snapshot
 
     def _publish(self, rows) -> None:
         for ts, line in groupby(rows, key=lambda r: r.timestamp):

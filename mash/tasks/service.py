@@ -25,7 +25,7 @@ class WorkerService:
         if ctx.mqtt is not None:
             self.intake.start()
             ctx.mqtt.set_command_callback(self.intake.offer, raw=True)
-            ctx.mqtt.status_extra = ctx.store.get_stats
+            ctx.mqtt.status_extra = ctx.stats
             ctx.mqtt.on_state_change = self._mqtt_state
             ctx.mqtt.connect(timeout=0)
         self.scheduler.start()

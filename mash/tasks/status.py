@@ -15,7 +15,7 @@ log = logging.getLogger("mash.worker")
 def heartbeat(ctx) -> dict:
     """Status to every sink; a sink that fails is recorded, never raised (its next beat is
     the retry)."""
-    stats = ctx.store.get_stats()
+    stats = ctx.stats()
     if ctx.backend is not None:
         try:
             ensure_registered(ctx)
