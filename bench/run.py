@@ -404,6 +404,48 @@ def bench_sd_steps(quick: bool):
         s.close()
 
 
+def bench_control(quick: bool):
+    """The climate controller: its cost per reading, and six simulated hours against the
+    simulated chamber in lockstep (time to the band, time in it, switches an hour)."""
+    from mash.chamber import Chamber
+    from mash.control import ClimateController
+    t = [0.0]
+    ctl = ClimateController(clock=lambda: t[0],
+                            wallclock=lambda: dt.datetime(2026, 1, 28, 10, 0).astimezone()
+                            + dt.timedelta(seconds=t[0]))
+    chamber = Chamber(fruiting=(24.0, 70.0, 800.0))
+    relays = {a: "OFF" for a in ctl.relays}
+    costs, humidity, switches = [], [], 0
+    hours = 1 if quick else 6
+    for second in range(1, hours * 3600 + 1):
+        t[0] = float(second)
+        chamber.step(1.0, relays)
+        reading = second % 5 == 0
+        t0 = time.perf_counter()
+        if reading:
+            r = chamber.reading()
+            for room, v in r.items():
+                ctl.observe(room, v["temp"], v["humidity"], v["co2"])
+        changes = ctl.decide()
+        if reading:
+            costs.append(time.perf_counter() - t0)
+            humidity.append((t[0], r["fruiting"]["humidity"]))
+        for actuator, state in changes.items():
+            relays[actuator] = state
+            ctl.switched(actuator, state)
+            ctl.known_state(actuator, state, "auto")
+            switches += 1
+    reached = next(s for s, h in humidity if h >= 85)
+    after = [h for s, h in humidity if s > reached]
+    record("controller: cost per reading (observe both rooms + decide), median",
+           statistics.median(costs) * 1e6, "us", "<= 1 ms", statistics.median(costs) <= 1e-3)
+    record("controller: cost per reading, p99", pct(costs, 99) * 1e6, "us")
+    record("control: fruiting 70 % -> 85 %, simulated", reached, "s")
+    record(f"control: time within 85-95 % after that ({hours} simulated h)",
+           100.0 * sum(85 <= h <= 95 for h in after) / len(after), "%")
+    record("control: relay switches per simulated hour", switches / hours, "switches")
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -415,6 +457,7 @@ BENCHES = {
     "live": bench_live_latency,
     "resources": bench_resources,
     "sd_steps": bench_sd_steps,
+    "control": bench_control,
 }
 
 
