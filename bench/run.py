@@ -240,14 +240,16 @@ def bench_mqtt_roundtrip(quick: bool):
         s.close()
 
 
-def _gateway(s: Scratch, interval: float, extra_env=None):
+def _gateway(s: Scratch, interval: float, extra_env=None, chamber=False):
     """Board + reader.py + worker.py + devserver + broker + RTDB stand-in, all real."""
+    from mash.chamber import Chamber
     from mash.simulator import SimulatedBoard
     server, broker = s.devserver(), s.broker()
     rtdb = RTDBStandIn().start()
     s.stoppers.append(rtdb.stop)
     cred = make_service_account(s.dir / "fb.json")
-    board = SimulatedBoard(interval=interval, link=s.dir / "tty").start(banner=False)
+    board = SimulatedBoard(interval=interval, link=s.dir / "tty",
+                           chamber=Chamber() if chamber else None).start(banner=False)
     s.stoppers.append(board.stop)
     env = dict(os.environ, **server.env(), **broker.env(), SERIAL_PORT=board.port,
                MASH_DATA_DIR=str(s.dir / "data"), FIREBASE_DATABASE_URL="https://mash-bench.firebaseio.com",
@@ -305,34 +307,44 @@ def bench_live_latency(quick: bool):
         s.close()
 
 
-def bench_resources(quick: bool):
+def bench_resources(quick: bool, control: bool = False):
     """At the real board's rate (a line per 5 s): CPU, bytes written per line, RSS after an
-    hour-equivalent of lines."""
+    hour-equivalent of lines. Climate control off (the first release's figures), or on
+    against the simulated chamber (``resources_control``: the relays switch as on a farm)."""
     from mash.models import Store
     s = Scratch()
     window = 60 if quick else 300
+    label = ", climate control on (chamber)" if control else ""
     try:
-        board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
+        board, server, broker, rtdb, reader, worker, env = _gateway(
+            s, interval=5.0, extra_env={"CONTROL_MODE": "auto" if control else "off"},
+            chamber=control)
         SensorData = Store(s.dir / "data" / "mash.db").m.SensorData
         wait_for(lambda: SensorData.select().count() >= 2, timeout=30)
         time.sleep(10)                                  # let start-up work settle
         procs = {"reader": reader.pid, "worker": worker.pid}
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         io0 = {k: write_bytes(p) for k, p in procs.items()}
-        rows0, t0 = SensorData.select().count(), time.monotonic()
+        rows0, t0, switches0 = SensorData.select().count(), time.monotonic(), len(board.switches)
         time.sleep(window)
         took = time.monotonic() - t0
         lines = (SensorData.select().count() - rows0) / 2
         cpu = {k: (cpu_seconds(p) - cpu0[k]) / took * 100 for k, p in procs.items()}
         io = {k: write_bytes(p) - io0[k] for k, p in procs.items()}
-        record(f"CPU at a line per 5 s, reader ({window} s)", cpu["reader"], "% of a core")
-        record(f"CPU at a line per 5 s, worker ({window} s)", cpu["worker"], "% of a core")
+        record(f"CPU at a line per 5 s, reader ({window} s){label}", cpu["reader"], "% of a core")
+        record(f"CPU at a line per 5 s, worker ({window} s){label}", cpu["worker"], "% of a core")
         total = cpu["reader"] + cpu["worker"]
-        record("CPU at a line per 5 s, reader + worker", total, "% of a core", "<= 1 %", total <= 1.0)
+        record(f"CPU at a line per 5 s, reader + worker{label}", total, "% of a core", "<= 1 %",
+               total <= 1.0)
         per_line = sum(io.values()) / max(lines, 1)
-        record(f"disk bytes written per line (reader {io['reader'] / max(lines, 1) / 1024:.1f} KB, "
+        record(f"disk bytes written per line{label} (reader {io['reader'] / max(lines, 1) / 1024:.1f} KB, "
                f"worker {io['worker'] / max(lines, 1) / 1024:.1f} KB)", per_line / 1024, "KB/line",
                "<= 8 KB", per_line <= 8192)
+        if control:
+            record("relay switches per line in that window (climate control)",
+                   (len(board.switches) - switches0) / max(lines, 1), "switches")
+            stop(reader, worker)
+            return
         # an hour-equivalent: 720 lines, as fast as the pipeline takes them
         board.interval = 0
         base = SensorData.select().count()
@@ -456,6 +468,7 @@ BENCHES = {
                                            label=", 200 ms per response, BATCH_SIZE=50", target=1000),
     "live": bench_live_latency,
     "resources": bench_resources,
+    "resources_control": lambda q: bench_resources(q, control=True),
     "sd_steps": bench_sd_steps,
     "control": bench_control,
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mash import protocol
 from mash.clock import utcnow
+from mash.models import COMPLETED, FAILED
 
 log = logging.getLogger("mash.reader")
 
@@ -44,8 +45,16 @@ class BoardCommands:
         self.restorable = restorable or store.desired_states
         self.inflight: InFlight | None = None
         self.resync: deque[tuple[str, str]] = deque()
+        # the climate controller's commands: written like the ledger's, and recorded in the
+        # ledger once the board answered (one write per switch; after a crash the
+        # controller decides afresh, so an unanswered one needs no record)
+        self.auto: deque[tuple[str, str, str]] = deque()
         self._next_ledger = 0.0
         self._data_version = None
+
+    def submit(self, command_id: str, actuator: str, state: str) -> None:
+        """A command of the climate controller's, written before the ledger's next one."""
+        self.auto.append((command_id, actuator, state))
 
     def poke(self) -> None:
         """This process put a command in the ledger: look at once (its own commit does not
@@ -99,13 +108,24 @@ class BoardCommands:
                 log.error("board refused restoring %s %s: %s", flight.actuator, flight.state,
                           msg.line)
             return
-        self.store.finish_command(flight.command_id, ok, reason=None if ok else msg.line,
-                                  response={"actuator": flight.actuator, "state": flight.state,
-                                            "board": msg.line},
-                                  desired=(flight.actuator, flight.state) if ok else None)
+        response = {"actuator": flight.actuator, "state": flight.state, "board": msg.line}
+        desired = (flight.actuator, flight.state) if ok else None
+        if flight.source == "auto":
+            self._record_auto(flight, ok, None if ok else msg.line, response)
+        else:
+            self.store.finish_command(flight.command_id, ok, reason=None if ok else msg.line,
+                                      response=response, desired=desired)
         # the climate controller's own switches are logged by it, a line per rule change
         log.log(logging.DEBUG if flight.source == "auto" and ok else logging.INFO,
                 "command %s %s: %s", flight.command_id, "completed" if ok else "failed", msg.line)
+
+    def _record_auto(self, flight: InFlight, ok: bool, reason: str | None,
+                     response: dict | None) -> None:
+        self.store.add_command(flight.command_id, "set_actuator",
+                               {"actuator": flight.actuator, "state": flight.state}, "auto",
+                               status=COMPLETED if ok else FAILED, reason=reason,
+                               response=response or {},
+                               desired=(flight.actuator, flight.state) if ok else None)
 
     def drive(self, write, now: float | None = None) -> None:
         """Write what is due: a command again after ACK_TIMEOUT, a desired state to restore,
@@ -119,7 +139,10 @@ class BoardCommands:
                 self.inflight = None
                 self.on_settled(flight.actuator, flight.state, flight.source, False)
                 reason = f"no reply from the board after {flight.attempts} attempts"
-                if flight.command_id:
+                if flight.source == "auto":
+                    self._record_auto(flight, False, reason, None)
+                    log.warning("control: %s %s failed: %s", flight.actuator, flight.state, reason)
+                elif flight.command_id:
                     self.store.finish_command(flight.command_id, False, reason=reason)
                     log.warning("command %s failed: %s", flight.command_id, reason)
                 else:
@@ -132,6 +155,11 @@ class BoardCommands:
         if self.resync:
             actuator, state = self.resync.popleft()
             self.inflight = InFlight(actuator, state, None, now, 1)
+            write(protocol.encode_command(actuator, state))
+            return
+        if self.auto:
+            command_id, actuator, state = self.auto.popleft()
+            self.inflight = InFlight(actuator, state, command_id, now, 1, "auto")
             write(protocol.encode_command(actuator, state))
             return
         if now < self._next_ledger:

@@ -265,20 +265,19 @@ class Reader:
 
     # -- climate control ------------------------------------------------------------------
     def control(self, write, now: bool = False) -> None:
-        """Ask the controller what to switch (every CONTROL_TICK, or ``now``) and put each
-        change in the ledger as an ``auto`` command; the board driver writes it next."""
+        """Ask the controller what to switch (every CONTROL_TICK, or ``now``) and hand each
+        change to the board driver as an ``auto`` command (recorded in the ledger, with its
+        acks, once the board answers)."""
         tick = self.controller.clock()
         if not now and tick - self._last_decision < self.CONTROL_TICK:
             return
         self._last_decision = tick
         changes = self.controller.decide()
         for actuator, state in changes.items():
-            if self.store.add_command(ids.auto_command_id(), "set_actuator",
-                                      {"actuator": actuator, "state": state}, "auto"):
-                self.controller.switched(actuator, state)
-                log.debug("control: %s %s", actuator, state)
+            self.board.submit(ids.auto_command_id(), actuator, state)
+            self.controller.switched(actuator, state)
+            log.debug("control: %s %s", actuator, state)
         if changes:
-            self.board.poke()
             self.board.drive(write)
 
     def _settled(self, actuator: str, state: str, source: str, ok: bool) -> None:

@@ -35,9 +35,12 @@ class LedgerMixin:
     @writes
     def add_command(self, command_id: str, command: str, parameters: dict, source: str,
                     expires_at: dt.datetime | None = None, status: str = QUEUED,
-                    reason: str | None = None) -> bool:
+                    reason: str | None = None, response: dict | None = None,
+                    desired: tuple[str, str] | None = None) -> bool:
         """Put a command in the ledger once; False when its id was already there. A command
-        added already final (rejected) is owed to the sinks at once."""
+        added already final (rejected, or the climate controller's own once the board
+        answered) is owed to the sinks at once, with the relay's new state when it
+        completed: one transaction."""
         C = self.m.Command
         now = utcnow()
         final = status in FINAL
@@ -48,9 +51,13 @@ class LedgerMixin:
                 cmd = C.create(command_id=command_id, command=command,
                                parameters=json.dumps(parameters), source=source,
                                received_at=now, expires_at=expires_at, status=status,
-                               reason=reason, finished_at=now if final else None)
+                               reason=reason, finished_at=now if final else None,
+                               response=json.dumps(response) if response is not None else None,
+                               attempts=1 if final and response is not None else 0)
                 if final:
                     self.outbox.add(ACK, command_id, ack_payload(cmd))
+                if desired and status == COMPLETED:
+                    self.set_desired(*desired, source=source)
         except IntegrityError:      # another thread or process stored it first
             return False
         return True

@@ -270,6 +270,13 @@ class Store(LedgerMixin):
         with self.transaction():
             return self.outbox.done_many(item_ids, error)
 
+    @writes
+    def delivered_each(self, marks: list[tuple[int, str | None]]) -> None:
+        """Mark outbox items done, each with its own error (or None), in one transaction."""
+        with self.transaction():
+            for item_id, error in marks:
+                self.outbox.done(item_id, error)
+
     def has_undelivered(self) -> bool:
         """Anything owed to any sink (a read, no write)."""
         return self.outbox.owed()

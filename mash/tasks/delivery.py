@@ -66,15 +66,21 @@ def _to_backend(ctx) -> int:
         if owed:
             store.delivered_many([item.id for item in owed], "backend not configured")
         return len(owed)
-    for item in owed:
-        try:
-            backend_call(ctx, _send, ctx, item)
-        except PermanentError as exc:
-            store.delivered(item.id, str(exc)[:300])
-            log.warning("backend refused the %s %s: %s", item.kind, item.ref, exc)
-            continue
-        store.delivered(item.id)
-        done += 1
+    marks = []            # recorded together at the end of the pass: one commit, not one each
+    try:
+        for item in owed:
+            try:
+                backend_call(ctx, _send, ctx, item)
+            except PermanentError as exc:
+                marks.append((item.id, str(exc)[:300]))
+                if not item.ref.startswith("auto-"):    # the backend never knows those
+                    log.warning("backend refused the %s %s: %s", item.kind, item.ref, exc)
+                continue
+            marks.append((item.id, None))
+            done += 1
+    finally:
+        if marks:
+            store.delivered_each(marks)
     return done
 
 
