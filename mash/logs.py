@@ -1,8 +1,12 @@
 """Logging set-up shared by every entry point: one format, one level from LOG_LEVEL."""
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
+
+from mash.config import ConfigError, Settings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -36,3 +40,16 @@ class OncePerKind:
             self.seen.add(kind)
             self.logger.warning("%s (%s): %s; further ones of this kind are counted, not logged",
                                 self.what, kind, detail)
+
+
+def start_process() -> Settings | None:
+    """An entry point's start: the settings (None, after printing the one-line error, when a
+    value is bad), logging, and ``kill -USR1`` printing every thread's stack."""
+    try:
+        settings = Settings.load()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+    setup_logging(settings.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return settings

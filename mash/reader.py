@@ -8,7 +8,6 @@ through SQLite. Its periodic chores are in ``mash.housekeeping``.
 """
 from __future__ import annotations
 
-import faulthandler
 import logging
 import signal
 import sys
@@ -25,11 +24,11 @@ from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.chamber import Chamber
 from mash.clock import utcnow
-from mash.config import ConfigError, Settings
+from mash.config import Settings
 from mash.contract import KEEPALIVE
 from mash.control import ROOM_OF, ClimateController
 from mash.housekeeping import Housekeeping
-from mash.logs import OncePerKind, setup_logging
+from mash.logs import OncePerKind, start_process
 from mash.models import Store
 from mash.simulator import SimulatedBoard
 
@@ -322,13 +321,9 @@ class Reader:
 
 def main(argv=None) -> int:
     """``python reader.py`` / ``mash reader``: the reader until SIGTERM or Ctrl-C."""
-    try:
-        settings = Settings.load()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = start_process()
+    if settings is None:
         return 2
-    setup_logging(settings.log_level)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: every thread's stack
     reader = Reader(settings)
     reader.install_signal_handlers()
     reader.run()

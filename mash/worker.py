@@ -6,24 +6,16 @@ too: the start-up hook flushes stale locks and starts the worker's service eithe
 """
 from __future__ import annotations
 
-import faulthandler
-import signal
 import sys
 
 from mash import tasks
-from mash.config import ConfigError, Settings
-from mash.logs import setup_logging
+from mash.logs import start_process
 from mash.tasks.queue import CONSUMER_OPTIONS
 
 
 def main(argv=None) -> int:
-    try:
-        settings = Settings.load()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    if start_process() is None:
         return 2
-    setup_logging(settings.log_level)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: every thread's stack
     tasks.huey.create_consumer(**CONSUMER_OPTIONS).run()
     return 0
 

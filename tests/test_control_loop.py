@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 
 import pytest
 
@@ -16,6 +15,7 @@ from mash.models import Store
 from mash.reader import Reader
 from mash.simulator import SimulatedBoard
 from tests.services import ROOT, wait_for
+from tests.test_control import durations
 
 SPEED = 30.0          # simulated seconds per real second
 JITTER = 1.5          # s (simulated) a switch may land after the controller's decision
@@ -53,15 +53,6 @@ def humidity_log(board, chamber, clock, until, out):
     while clock.now() < until:
         out.append((clock.now(), chamber.reading()["fruiting"]["humidity"]))
         time.sleep(0.05)
-
-
-def durations(switches):
-    out, last = defaultdict(list), {}
-    for t, actuator, state in switches:
-        if actuator in last:
-            out[(actuator, last[actuator][1])].append(t - last[actuator][0])
-        last[actuator] = (t, state)
-    return out
 
 
 def test_fruiting_humidity_climbs_into_the_band_and_is_held_there(chamber_loop):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 
 from mash.commands import Rejected, merge_configuration, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING
+from mash.tasks.loop import BackgroundLoop
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.commands")
@@ -92,15 +92,15 @@ def poll_commands(ctx) -> int:
     return new
 
 
-class MQTTIntake:
+class MQTTIntake(BackgroundLoop):
     """paho's thread only queues payloads; this thread parses and writes them, so a burst of
     commands never stalls the MQTT loop (PUBACKs, keepalives)."""
+    thread_name = "command-intake"
 
     def __init__(self, ctx, maxsize: int = 10000):
+        super().__init__()
         self.ctx = ctx
         self.payloads: queue.Queue = queue.Queue(maxsize=maxsize)
-        self._stop = threading.Event()
-        self._thread = None
 
     def offer(self, raw: bytes) -> None:
         try:
@@ -110,17 +110,7 @@ class MQTTIntake:
             log.warning("command intake full (%d waiting): dropping a command payload",
                         self.payloads.qsize())
 
-    def start(self) -> "MQTTIntake":
-        self._thread = threading.Thread(target=self._run, name="command-intake", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-
-    def _run(self) -> None:
+    def run_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 raw = self.payloads.get(timeout=0.5)

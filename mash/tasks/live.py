@@ -9,36 +9,26 @@ on stale values and flood a metered uplink just as it comes back.
 from __future__ import annotations
 
 import logging
-import threading
 from itertools import groupby
 
 from mash.clock import to_epoch
 from mash.control import effective_modes
+from mash.tasks.loop import BackgroundLoop
 
 log = logging.getLogger("mash.worker")
 
 
-class LiveFeed:
+class LiveFeed(BackgroundLoop):
     POLL = 0.05
+    thread_name = "live-feed"
 
     def __init__(self, ctx):
+        super().__init__()
         self.ctx = ctx
         self.published = 0
         self._actuators = None          # the last actuator_states published
-        self._stop = threading.Event()
-        self._thread = None
 
-    def start(self) -> "LiveFeed":
-        self._thread = threading.Thread(target=self._run, name="live-feed", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-
-    def _run(self) -> None:
+    def run_loop(self) -> None:
         store, mqtt = self.ctx.store, self.ctx.mqtt
         last_id, version, was_alive = store.last_reading_id(), None, False
         while not self._stop.is_set():

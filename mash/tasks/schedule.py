@@ -14,10 +14,11 @@ enqueued within a tick.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from mash.tasks.loop import BackgroundLoop
 
 log = logging.getLogger("mash.worker")
 
@@ -32,28 +33,20 @@ class Periodic:
     interval: str | None = None                # interval key when not ``name``
 
 
-class IntervalScheduler:
+class IntervalScheduler(BackgroundLoop):
+    thread_name = "scheduler"
+
     def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool]):
+        super().__init__()
         self.ctx, self.jobs, self.busy = ctx, jobs, busy
-        self._stop = threading.Event()
-        self._thread = None
-        self._next: dict[str, float] = {}
-
-    def start(self) -> "IntervalScheduler":
         now = time.monotonic()
-        self._next = {job.name: now for job in self.jobs}
+        self._next = {job.name: now for job in jobs}
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        self._stop.set()
+    def wake(self) -> None:
         self.ctx.wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
 
-    def _run(self) -> None:
+    def run_loop(self) -> None:
         version = None
         while not self._stop.is_set():
             woken, self.ctx.woken = self.ctx.woken, set()
