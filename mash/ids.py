@@ -41,6 +41,9 @@ def firebase_key(ts: dt.datetime, previous: str | None = None) -> str:
     return base
 
 
+AUTO_PREFIX = "auto-"
+
+
 def auto_command_id() -> str:
     """A ledger id for the climate controller's own command."""
-    return f"auto-{secrets.token_hex(8)}"
+    return f"{AUTO_PREFIX}{secrets.token_hex(8)}"

@@ -66,9 +66,15 @@ class Outbox:
                 .where(self.m.Outbox.id.in_(item_ids) & self.m.Outbox.done_at.is_null())
                 .execute())
 
-    def owed(self) -> bool:
-        """Anything owed to any sink (a read, no write)."""
-        return self.m.Outbox.select().where(self.m.Outbox.done_at.is_null()).exists()
+    def owed(self, urgent_only: bool = False) -> bool:
+        """Anything owed to any sink (a read, no write); with ``urgent_only``, anything but
+        the acks of the climate controller's own commands, which wait for the next sweep
+        (one delivery for several switches: fewer SD-card writes)."""
+        O = self.m.Outbox
+        cond = O.done_at.is_null()
+        if urgent_only:
+            cond &= ~O.ref.startswith(ids.AUTO_PREFIX)
+        return O.select().where(cond).exists()
 
     def owed_count(self, kind: str) -> int:
         """How many items of ``kind`` some sink is still owed."""

@@ -277,9 +277,9 @@ class Store(LedgerMixin):
             for item_id, error in marks:
                 self.outbox.done(item_id, error)
 
-    def has_undelivered(self) -> bool:
-        """Anything owed to any sink (a read, no write)."""
-        return self.outbox.owed()
+    def has_undelivered(self, urgent_only: bool = False) -> bool:
+        """Anything owed to any sink (a read, no write); see ``Outbox.owed``."""
+        return self.outbox.owed(urgent_only)
 
     # -- sinks --------------------------------------------------------------------------
     def _upsert_sink(self, name: str, **values) -> None:

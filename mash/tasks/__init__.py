@@ -118,16 +118,19 @@ def periodic_jobs() -> list[Periodic]:
         Periodic("poll", poll_commands, due=lambda ctx: ctx.backend is not None),
         Periodic("heartbeat", heartbeat),
         Periodic("deliver", deliver, due=lambda ctx: ctx.store.has_undelivered()),
+        # another process committed: deliver now what should not wait for the sweep
+        Periodic("deliver_now", deliver, interval="deliver",
+                 due=lambda ctx: ctx.store.has_undelivered(urgent_only=True)),
     ]
 
 
-_TASK_NAMES = {"sync": "sync_readings", "poll": "poll_commands"}
+_TASK_NAMES = {"sync": "sync_readings", "poll": "poll_commands", "deliver_now": "deliver"}
 
 
 def _busy_job(job_name: str) -> bool:
     # A delivery asked for while one runs is still enqueued: it finds the sweep's lock taken
     # and makes the running sweep go round again.
-    return busy(_TASK_NAMES.get(job_name, job_name), running=job_name != "deliver")
+    return busy(_TASK_NAMES.get(job_name, job_name), running=not job_name.startswith("deliver"))
 
 
 def start_service(ctx: WorkerContext, live_feed: bool = True) -> WorkerService:

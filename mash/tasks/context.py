@@ -63,7 +63,8 @@ class WorkerContext:
         }
 
     def wake(self, kind: str) -> None:
-        """Ask the scheduler to run ``kind`` (deliver | sync | heartbeat) now."""
+        """Ask the scheduler to run ``kind`` now: ``deliver`` (anything owed),
+        ``deliver_now`` (only what should not wait for the sweep), ``sync``, ``heartbeat``."""
         self.woken.add(kind)
         self.wakeup.set()
 
@@ -89,7 +90,7 @@ class WorkerContext:
         MQTT loop, and inbound commands would pile up at the broker."""
         self.in_flight[item_id] = self.CONFIRMED
         self.confirmed.append(item_id)
-        self.wake("deliver")
+        self.wake("deliver_now")       # recorded now if it matters now, else at the sweep
 
     def take_confirmed(self) -> list[int]:
         taken = []

@@ -54,7 +54,7 @@ class IntervalScheduler(BackgroundLoop):
                 v = self.ctx.store.data_version()
                 if v != version:
                     version = v
-                    woken.add("deliver")          # cheap to check: deliver's due() reads
+                    woken.add("deliver_now")      # cheap to check: its due() reads
                 self.step(time.monotonic(), woken)
             except Exception:
                 log.exception("scheduler step failed")
