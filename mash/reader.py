@@ -73,6 +73,7 @@ class Reader:
         self.board = BoardCommands(self.store, self._count_bad, on_settled=self._settled,
                                    restorable=self._restorable)
         self._last_decision = float("-inf")
+        self._control_state = None          # (cycling, rooms in safe state), for the log
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
@@ -272,12 +273,34 @@ class Reader:
             return
         self._last_decision = tick
         changes = self.controller.decide()
+        self._log_control_state()
         for actuator, state in changes.items():
             self.board.submit(ids.auto_command_id(), actuator, state)
             self.controller.switched(actuator, state)
             log.debug("control: %s %s", actuator, state)
         if changes:
             self.board.drive(write)
+
+    def _log_control_state(self) -> None:
+        """One line when the humidifier cycle starts or stops, or a room enters or leaves
+        its safe state (the relays' every switch is at DEBUG)."""
+        ctl = self.controller
+        state = (ctl.cycle is not None,
+                 frozenset(r for r in ctl.rooms if ctl.room_mode(r) == "auto" and ctl.stale(r)
+                           and ctl.rooms[r].at is not None))     # not before the first reading
+        if state == self._control_state:
+            return
+        cycling, safe = state
+        was_cycling, was_safe = self._control_state or (False, frozenset())
+        humidity = (ctl.rooms["fruiting"].values or {}).get("humidity")
+        if cycling != was_cycling:
+            log.info("control: humidifier cycle %s (fruiting %s %%)",
+                     "started" if cycling else "stopped", humidity)
+        for room in safe - was_safe:
+            log.warning("control: %s readings stale or out of range: safe state", room)
+        for room in was_safe - safe:
+            log.info("control: %s readings fresh again: control resumes", room)
+        self._control_state = state
 
     def _settled(self, actuator: str, state: str, source: str, ok: bool) -> None:
         if ok:
