@@ -19,14 +19,15 @@ import serial
 from peewee import DatabaseError
 from serial.tools import list_ports
 
-from mash import ids, protocol
+from mash import protocol
 from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.chamber import Chamber
 from mash.clock import utcnow
 from mash.config import Settings
 from mash.contract import KEEPALIVE
-from mash.control import ROOM_OF, ClimateController
+from mash.climate import ClimateLoop
+from mash.control import ClimateController
 from mash.housekeeping import Housekeeping
 from mash.logs import OncePerKind, start_process
 from mash.models import Store
@@ -54,7 +55,6 @@ class Reader:
     SILENCE = 30.0
     RECONNECT_MAX = 2.0
     UNSTORED_MAX = 50_000
-    CONTROL_TICK = 1.0          # s of the controller's clock between decisions
 
     def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
                  wallclock=None):
@@ -70,10 +70,10 @@ class Reader:
         self.housekeeping = Housekeeping(settings, self.store, self.engine, self.controller)
         self.bad = OncePerKind(log, "bad line from board")
         self.bad_counts: dict[str, int] = {}
-        self.board = BoardCommands(self.store, self._count_bad, on_settled=self._settled,
-                                   restorable=self._restorable)
-        self._last_decision = float("-inf")
-        self._control_state = None          # (cycling, rooms in safe state), for the log
+        self.climate = ClimateLoop(self.controller, self.store)
+        self.board = BoardCommands(self.store, self._count_bad, on_settled=self.climate.settled,
+                                   restorable=self.climate.restorable)
+        self.climate.board = self.board
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
@@ -172,7 +172,7 @@ class Reader:
                 if now - self.last_line > self.SILENCE:
                     return f"no line for {self.SILENCE:.0f} s"
                 try:
-                    self.control(write)
+                    self.climate.tick(write)
                     self.board.drive(write, now)
                     self.chores()
                 except DatabaseError as exc:     # disk full, locked: the serial side goes on
@@ -197,7 +197,7 @@ class Reader:
             if msg.rooms:
                 self._store_reading(msg)
                 if write is not None:
-                    self.control(write, now=True)     # a fresh reading: decide at once
+                    self.climate.tick(write, now=True)     # a fresh reading: decide at once
         elif isinstance(msg, protocol.Bad):
             self._count_bad(msg.kind, msg.detail)
         elif isinstance(msg, protocol.Ack):
@@ -262,61 +262,6 @@ class Reader:
         if self.store_error is not None:
             log.info("store writable again: held readings written")
             self.store_error = None
-
-    # -- climate control ------------------------------------------------------------------
-    def control(self, write, now: bool = False) -> None:
-        """Ask the controller what to switch (every CONTROL_TICK, or ``now``) and hand each
-        change to the board driver as an ``auto`` command (recorded in the ledger, with its
-        acks, once the board answers)."""
-        tick = self.controller.clock()
-        if not now and tick - self._last_decision < self.CONTROL_TICK:
-            return
-        self._last_decision = tick
-        changes = self.controller.decide()
-        self._log_control_state()
-        for actuator, state in changes.items():
-            self.board.submit(ids.auto_command_id(), actuator, state)
-            self.controller.switched(actuator, state)
-            log.debug("control: %s %s", actuator, state)
-        if changes:
-            self.board.drive(write)
-
-    def _log_control_state(self) -> None:
-        """One line when the humidifier cycle starts or stops, or a room enters or leaves
-        its safe state (the relays' every switch is at DEBUG)."""
-        ctl = self.controller
-        state = (ctl.cycle is not None,
-                 frozenset(r for r in ctl.rooms if ctl.room_mode(r) == "auto" and ctl.stale(r)
-                           and ctl.rooms[r].at is not None))     # not before the first reading
-        if state == self._control_state:
-            return
-        cycling, safe = state
-        was_cycling, was_safe = self._control_state or (False, frozenset())
-        humidity = (ctl.rooms["fruiting"].values or {}).get("humidity")
-        if cycling != was_cycling:
-            log.info("control: humidifier cycle %s (fruiting %s %%)",
-                     "started" if cycling else "stopped", humidity)
-        for room in safe - was_safe:
-            log.warning("control: %s readings stale or out of range: safe state", room)
-        for room in was_safe - safe:
-            log.info("control: %s readings fresh again: control resumes", room)
-        self._control_state = state
-
-    def _settled(self, actuator: str, state: str, source: str, ok: bool) -> None:
-        if ok:
-            self.controller.known_state(actuator, state, source)
-        elif source == "auto":
-            self.controller.refused(actuator)
-
-    def _restorable(self) -> dict[str, str]:
-        """After a reset: every desired state but those the controller set in a room it
-        drives (it decides those afresh, so no relay comes back ON that it no longer wants)."""
-        return {a: s for a, s in self.store.desired_states().items()
-                if not (a in ROOM_OF and self.controller.room_mode(ROOM_OF[a]) == "auto"
-                        and self._auto_set(a))}
-
-    def _auto_set(self, actuator: str) -> bool:
-        return self.store.actuator_states().get(actuator, {}).get("source") == "auto"
 
     # -- periodic -----------------------------------------------------------------------
     def chores(self) -> None:
