@@ -28,9 +28,9 @@ def test_bare_huey_consumer_recovers_from_kill_9_mid_sync(tmp_path, devserver):
         return subprocess.Popen([sys.executable, "-m", "huey.bin.huey_consumer", "mash.tasks.huey"],
                                 env=env, cwd=str(tmp_path), stdout=log, stderr=log)
     proc = consumer()
-    wait_for(settings.queue_path.exists, timeout=30, what="the queue file")
-    queue = SqliteHuey("mash", filename=str(settings.queue_path))
     try:
+        wait_for(settings.queue_path.exists, timeout=30, what="the queue file")
+        queue = SqliteHuey("mash", filename=str(settings.queue_path))
         wait_for(lambda: queue.is_locked("sync_readings"), timeout=30, what="a sync running")
         wait_for(lambda: store.pending_count() < 6000, timeout=30, what="a batch accepted")
         proc.send_signal(signal.SIGKILL)                  # the power cut, mid-task
