@@ -5,38 +5,40 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-
 from pathlib import Path
 
-from mash.config import Settings, resolve_queue_dir
-from mash import tasks
-from mash.cloud.backend_api import BackendAPIClient
-from mash.models import Store
-from mash.tasks.context import WorkerContext
-from tests.services import Broker, DevServer, RTDBStandIn, make_service_account
+import pytest
 
 # No test reads the developer's own config/.env.
 os.environ["MASH_ENV_FILE"] = os.devnull
 for key in list(os.environ):
-    if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_")):
+    if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_", "CONTROL_")):
         del os.environ[key]
-# mash.tasks builds its queue from MASH_DATA_DIR at import: keep that out of the checkout.
+# mash.tasks builds its queue from MASH_DATA_DIR at import, so this comes before any import of
+# the project: the queue stays out of the checkout.
 os.environ["MASH_DATA_DIR"] = _session_dir = tempfile.mkdtemp(prefix="mash-tests-")
 atexit.register(shutil.rmtree, _session_dir, True)
-# Queues of the tests' gateways live in RAM (/dev/shm), one folder per data directory: those
-# made by this run are removed with it.
-_ram_queues = resolve_queue_dir(Path(_session_dir)).parent
-_ram_before = set(_ram_queues.iterdir()) if _ram_queues.is_dir() else set()
+
+from mash import tasks  # noqa: E402
+from mash.cloud.backend_api import BackendAPIClient  # noqa: E402
+from mash.config import Settings, resolve_queue_dir  # noqa: E402
+from mash.models import Store  # noqa: E402
+from mash.tasks.context import WorkerContext  # noqa: E402
+from tests.services import Broker, DevServer, RTDBStandIn, make_service_account  # noqa: E402
 
 
-def _remove_ram_queues():
-    if _ram_queues.is_dir() and _ram_queues.name.startswith("mash-"):
-        for d in set(_ram_queues.iterdir()) - _ram_before:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-atexit.register(_remove_ram_queues)
+def pytest_sessionfinish(session):
+    """Queues of the tests' gateways live in RAM (/dev/shm), one folder per data directory:
+    remove those of this run's data directories (and only those: another run on the same
+    machine keeps its own)."""
+    roots = [Path(_session_dir), session.config._tmp_path_factory.getbasetemp()]
+    for root in roots:
+        dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
+        # a process that stopped on a bad setting made its queue before its data directory
+        for directory in dirs + [d / "data" for d in dirs]:
+            queue = resolve_queue_dir(directory)
+            if queue != directory and queue.is_dir():
+                shutil.rmtree(queue, ignore_errors=True)
 
 
 @pytest.fixture

@@ -62,7 +62,8 @@ def test_fruiting_humidity_climbs_into_the_band_and_is_held_there(chamber_loop):
     reached = next((t for t, h in samples if h >= 85), None)
     assert reached is not None and reached < 6 * 60, f"85 % reached at {reached}"
     after = [h for t, h in samples if t > reached + 30]
-    assert min(after) >= 85 - 0.5 and max(after) <= 95, (min(after), max(after))
+    # at 30x the pty loop's latency can shift a phase by a few simulated seconds: +-0.5 %
+    assert min(after) >= 85 - 0.5 and max(after) <= 95 + 0.5, (min(after), max(after))
     d = durations(board.switches)
     assert d[("MIST_MAKER", "ON")] and max(d[("MIST_MAKER", "ON")]) <= 60
     assert min(d[("MIST_MAKER", "OFF")]) >= 30 - JITTER

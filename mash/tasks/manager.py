@@ -32,6 +32,7 @@ class SyncManager:
                                      mqtt=mqtt_client, firebase=firebase_sync)
         self._service = None
         self._consumer = None
+        self._queue_before = None
         # Readings queued while the broker is away, published on connect; bounded, oldest
         # dropped first (the store holds every reading for the backend anyway).
         self._live: deque = deque(maxlen=1000)
@@ -41,7 +42,8 @@ class SyncManager:
     def start(self) -> None:
         """Run the tasks in this process: a Huey consumer (threads) and the worker service."""
         tasks.set_context(self.context)
-        if str(tasks.huey.storage_kwargs.get("filename")) != str(self.settings.queue_path):
+        self._queue_before = tasks.huey.storage_kwargs.get("filename")
+        if str(self._queue_before) != str(self.settings.queue_path):
             tasks.use_queue_file(self.settings.queue_path)
         self._service = tasks.start_service(self.context, live_feed=False)
         self._service.connect_hooks.append(self._flush_live)
@@ -60,6 +62,8 @@ class SyncManager:
             self._service.stop()
             self._service = None
         tasks.set_context(None)
+        if self._queue_before and str(self._queue_before) != str(self.settings.queue_path):
+            tasks.use_queue_file(self._queue_before)     # the process's own queue again
 
     # -- the guide's calls --------------------------------------------------------------------
     def queue_sensor_data(self, data: dict) -> bool:
