@@ -69,9 +69,7 @@ class ClimateLoop:
     def restorable(self) -> dict[str, str]:
         """After a reset: every desired state but those the controller set in a room it
         drives (it decides those afresh, so no relay comes back ON that it no longer wants)."""
-        return {a: s for a, s in self.store.desired_states().items()
+        states = self.store.actuator_states()          # one read for every relay
+        return {a: s["state"] for a, s in states.items()
                 if not (a in ROOM_OF and self.controller.room_mode(ROOM_OF[a]) == "auto"
-                        and self._auto_set(a))}
-
-    def _auto_set(self, actuator: str) -> bool:
-        return self.store.actuator_states().get(actuator, {}).get("source") == "auto"
+                        and s["source"] == "auto")}

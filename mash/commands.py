@@ -12,13 +12,12 @@ import re
 
 from mash import protocol
 from mash.clock import parse_iso, utcnow
-from mash.contract import ROOMS
+from mash.contract import ROOM_MODES, ROOMS
 from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
 from mash.contract import COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES
 
 INTERVAL_SETTINGS = ("sync_interval", "command_poll_interval", "heartbeat_interval")
 CONFIGURABLE = ("thresholds", "mode", "control") + INTERVAL_SETTINGS
-ROOM_MODES = ("auto", "manual")
 
 # The id of a payload too large to parse whole: the first "id" string in it.
 _ID_RE = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.){1,%d})"' % MAX_COMMAND_ID)

@@ -17,11 +17,11 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from mash.contract import CONTROL_MODES
 from mash.rules import (DEFAULT_CONTROL, DEFAULT_THRESHOLDS, ConfigError, merge_control,
                         merge_thresholds)
 
 
-CONTROL_MODES = ("auto", "manual", "off")
 STANDARD_BAUDS = (300, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 

@@ -25,3 +25,7 @@ COMMANDS = ("set_actuator", "REQUEST_STATUS", "force_sync", "CONFIGURE")
 MAX_COMMAND_BYTES = 4096          # larger: acknowledged failed ("oversize")
 MAX_COMMAND_ID = 100              # a usable id is a string of at most this many characters
 MAX_PARSE_BYTES = 256 * 1024      # larger payloads are not parsed whole (their id is still read)
+
+# §7 Local control
+CONTROL_MODES = ("auto", "manual", "off")     # CONTROL_MODE
+ROOM_MODES = ("auto", "manual")               # CONFIGURE {"mode": {room: ...}}

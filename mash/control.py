@@ -41,11 +41,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from mash.contract import RANGES, ROOMS
+from mash.contract import CONTROL_MODES as MODES
+from mash.contract import RANGES, ROOM_MODES, ROOMS
 from mash.rules import DEFAULT_CONTROL, ConfigError, clock_time, merge_control
 
-MODES = ("auto", "manual", "off")
-ROOM_MODES = ("auto", "manual")
 
 FRUITING_RELAYS = ("MIST_MAKER", "HUMIDIFIER_FAN", "FRUITING_EXHAUST_FAN", "FRUITING_INTAKE_FAN",
                    "FRUITING_LED")
