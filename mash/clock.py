@@ -5,7 +5,12 @@ Timestamps are naive UTC in the store and ISO 8601 with milliseconds and ``Z`` o
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime as dt
+import os
+import time
+from pathlib import Path
 
 
 def utcnow() -> dt.datetime:
@@ -48,3 +53,69 @@ def as_datetime(value) -> dt.datetime | None:
 def to_epoch(ts: dt.datetime) -> float:
     """A naive-UTC datetime as epoch seconds."""
     return ts.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+# -- the clock's own health --------------------------------------------------------------------
+# A Pi has no RTC: it boots with the time it saved at shutdown (fake-hwclock) or 1970, and the
+# wall clock jumps when NTP first answers. Until then, readings are stamped from the
+# boot-relative clock and rebased (mash.timekeeper).
+TIMESYNC_FLAG = "/run/systemd/timesync/synchronized"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_STA_UNSYNC = 0x0040
+BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def kernel_synchronized() -> bool:
+    """The kernel's NTP status (what ``timedatectl`` calls "System clock synchronized"):
+    ``adjtimex`` without STA_UNSYNC. Set by systemd-timesyncd, chrony and ntpd alike."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        buf = ctypes.create_string_buffer(512)           # struct timex, with room to spare
+        if libc.adjtimex(buf) < 0:
+            return False
+        # modes (int), then offset, freq, maxerror, esterror (longs), then status (int)
+        long_size = ctypes.sizeof(ctypes.c_long)
+        status_at = long_size * 5                        # int modes padded to a long
+        status = ctypes.c_int.from_buffer(buf, status_at).value
+    except (OSError, AttributeError, ValueError):
+        return False
+    return not status & _STA_UNSYNC
+
+
+class ClockSource:
+    """Where time comes from: the wall clock, ``CLOCK_BOOTTIME`` (never jumps, counts
+    suspend), this boot's id, and whether the wall clock is synchronized. Tests pass their
+    own source; nothing else reads these directly.
+
+    ``trust``: the wall clock is right from boot (``CLOCK_SYNC=trust``: a battery-backed
+    RTC, or a host that keeps the time)."""
+
+    def __init__(self, trust: bool = False, flag: str = TIMESYNC_FLAG):
+        self.trust = trust
+        self.flag = flag
+        self._boot_id: str | None = None
+
+    def wall(self) -> float:
+        return time.time()
+
+    def boottime(self) -> float:
+        return time.clock_gettime(BOOTTIME)
+
+    def boot_id(self) -> str:
+        if self._boot_id is None:
+            try:
+                self._boot_id = Path(BOOT_ID).read_text().strip()
+            except OSError:             # not Linux: one id per process start
+                self._boot_id = f"process-{os.getpid()}-{time.time():.0f}"
+        return self._boot_id
+
+    def synchronized(self) -> str | None:
+        """How the wall clock is known to be right (``"trusted"``, ``"timesyncd"``,
+        ``"kernel"``), or None."""
+        if self.trust:
+            return "trusted"
+        if os.path.exists(self.flag):
+            return "timesyncd"
+        if kernel_synchronized():
+            return "kernel"
+        return None

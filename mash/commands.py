@@ -7,6 +7,8 @@ the writing.
 """
 from __future__ import annotations
 
+import datetime as dt
+
 import json
 import re
 
@@ -57,8 +59,13 @@ def parse_payload(raw: bytes) -> tuple[dict | None, str | None, str]:
     return cmd, None, ""
 
 
-def validate(cmd: dict, device_id: str, size: int) -> tuple[str, dict, object]:
-    """``(command, parameters, expires_at)`` of a command object, or raise Rejected."""
+def validate(cmd: dict, device_id: str, size: int,
+             now: dt.datetime | None | str = "system") -> tuple[str, dict, object]:
+    """``(command, parameters, expires_at)`` of a command object, or raise Rejected.
+
+    ``now``: the true time (naive UTC) that expiry is judged by; the default is this
+    machine's clock, None means nobody knows it (a command with ``expiresAt`` is then
+    refused: running a stale one is worse than asking again)."""
     if size > MAX_COMMAND_BYTES:
         raise Rejected(f"oversize: {size} bytes (at most {MAX_COMMAND_BYTES})")
     target = cmd.get("deviceId")
@@ -77,7 +84,10 @@ def validate(cmd: dict, device_id: str, size: int) -> tuple[str, dict, object]:
         expires = parse_iso(cmd["expiresAt"])
         if expires is None:
             raise Rejected("malformed: expiresAt is not an ISO 8601 date")
-        if expires <= utcnow():
+        if now is None:
+            raise Rejected("cannot judge expiresAt: this gateway's clock is not synchronized "
+                           "and the backend's time is not known yet")
+        if expires <= (utcnow() if now == "system" else now):
             raise Rejected(f"expired at {cmd['expiresAt']}")
     if command == "set_actuator":
         try:

@@ -103,6 +103,8 @@ class Settings:
     override_minutes: float = 30.0
     control_rules: dict = field(default_factory=dict)
     log_level: str = "INFO"
+    clock_sync: str = "auto"
+    config_pull_interval: int = 600
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -239,6 +241,11 @@ class Settings:
                 raise ConfigError("CONTROL_RULES", 'must be JSON like {"fruiting":{"humidity_low":86}}') from None
         merge_control(DEFAULT_CONTROL, control_rules)         # raises ConfigError naming the key
 
+        clock_sync = text("CLOCK_SYNC", "auto").lower()
+        if clock_sync not in ("auto", "trust"):
+            raise ConfigError("CLOCK_SYNC", "must be auto (wait for NTP or the backend's time) or "
+                                            "trust (the clock is right from boot)", clock_sync)
+
         fb_url = text("FIREBASE_DATABASE_URL")
         if fb_url and not urlsplit(fb_url).scheme.startswith("http"):
             raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
@@ -276,4 +283,6 @@ class Settings:
             override_minutes=integer("OVERRIDE_MINUTES", 30, 1, 7 * 24 * 60),
             control_rules=control_rules,
             log_level=level,
+            clock_sync=clock_sync,
+            config_pull_interval=integer("CONFIG_PULL_INTERVAL", 600, 10, 86400),
         )

@@ -41,6 +41,12 @@ def firebase_key(ts: dt.datetime, previous: str | None = None) -> str:
     return base
 
 
+def firebase_key_order(key: str) -> tuple[str, int]:
+    """Sort key for one second's Firebase keys: ``base`` < ``base-1`` < ``base-2`` < ``base-10``."""
+    base, _, n = key[:19], key[19:20], key[20:]
+    return base, int(n) if n.isdigit() else 0
+
+
 AUTO_PREFIX = "auto-"
 
 

@@ -23,7 +23,7 @@ from mash import protocol
 from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.chamber import Chamber
-from mash.clock import utcnow
+from mash.clock import ClockSource
 from mash.config import Settings
 from mash.contract import KEEPALIVE
 from mash.climate import ClimateLoop
@@ -32,6 +32,7 @@ from mash.housekeeping import Housekeeping
 from mash.logs import OncePerKind, start_process
 from mash.models import Store
 from mash.simulator import SimulatedBoard
+from mash.timekeeper import Timekeeper
 
 log = logging.getLogger("mash.reader")
 
@@ -57,7 +58,7 @@ class Reader:
     UNSTORED_MAX = 50_000
 
     def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
-                 wallclock=None):
+                 wallclock=None, clock_source: ClockSource | None = None):
         self.settings = settings
         self.store = store or Store(settings.db_path)
         self.stop_event = threading.Event()
@@ -74,6 +75,8 @@ class Reader:
         self.board = BoardCommands(self.store, self._count_bad, on_settled=self.climate.settled,
                                    restorable=self.climate.restorable)
         self.climate.board = self.board
+        self.timekeeper = Timekeeper(self.store, clock_source or ClockSource(
+            trust=settings.clock_sync == "trust"))
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
@@ -224,7 +227,7 @@ class Reader:
         for r in msg.rooms:
             events += self.engine.check_reading(r.room, r.temp, r.humidity, r.co2)
             self.controller.observe(r.room, r.temp, r.humidity, r.co2)
-        self.unstored.append((data, utcnow(), events))
+        self.unstored.append((data, self.timekeeper.sample(), events))
         self._flush_unstored()
         if self.stored_rows == 0 and not self.unstored:
             log.info("readings flowing: first reading stored (%s)",
@@ -238,12 +241,13 @@ class Reader:
         with its arrival time, and is tried again every few seconds; nothing is dropped
         until the buffer's bound (UNSTORED_MAX lines, days at the board's rate)."""
         while self.unstored:
-            data, ts, events = self.unstored[0]
+            data, sample, events = self.unstored[0]
             cause = None
             try:
+                ts, provisional = self.timekeeper.stamp(sample)
                 with self.store.transaction():
                     try:
-                        self.store.save_sensor_data(data, timestamp=ts)
+                        self.store.save_sensor_data(data, timestamp=ts, provisional=provisional)
                         if events:
                             self.store.add_alerts(events)
                     except DatabaseError as exc:
@@ -265,6 +269,10 @@ class Reader:
 
     # -- periodic -----------------------------------------------------------------------
     def chores(self) -> None:
+        try:
+            self.timekeeper.check()
+        except DatabaseError as exc:          # the rebase is tried again next second
+            log.debug("clock rebase deferred: %s", exc)
         now = time.monotonic()
         if not self.housekeeping.due(now):
             return

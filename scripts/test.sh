@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs them.
-# mosquitto comes from Debian; the tests start their own broker on a free loopback port.
+# The gateway and the test tools go into a virtual environment (.venv), so this works with
+# Debian's / Raspberry Pi OS's externally managed /usr/bin/python3 (PEP 668) as with any other
+# Python 3.11+. mosquitto and chromium come from Debian; the tests start their own broker and
+# browser on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v mosquitto >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-    fi
+need=()
+command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest -q "$@"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+exec .venv/bin/python -m pytest -q "$@"

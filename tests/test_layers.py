@@ -18,13 +18,14 @@ LAYERS = [
     ("clients", ["mash.cloud", "mash.cloud.errors", "mash.cloud.backend_api",
                  "mash.cloud.mqtt_client", "mash.cloud.firebase"]),
     ("services", ["mash.simulator", "mash.board", "mash.housekeeping", "mash.reader",
-                  "mash.climate",
+                  "mash.climate", "mash.timekeeper", "mash.heartbeat",
                   "mash.devserver", "mash.devserver.*", "mash.tasks", "mash.tasks.*", "mash.cloud.sync",
                   "mash.dashboard", "mash.dashboard.*"]),
     ("entry points", ["mash.cli", "mash.__main__", "mash.worker", "mash.supervisor",
                       "mash.service", "mash.doctor", "mash.export"]),
 ]
 SERIAL_SIDE = ["mash.reader", "mash.board", "mash.housekeeping", "mash.climate", "mash.simulator",
+               "mash.timekeeper",
                "mash.protocol", "mash.control", "mash.chamber"]
 CLIENTS = ["mash.cloud.backend_api", "mash.cloud.mqtt_client", "mash.cloud.firebase"]
 OPTIONAL = {"firebase_admin"}      # optional extras: imported lazily, guarded

@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+from email.utils import parsedate_to_datetime
 
 import jwt
 import requests
@@ -19,7 +20,7 @@ import requests
 from mash.cloud.errors import (AuthError, BackendError, NotConfigured, PermanentError,  # noqa: F401
                                RetryableError)
 from mash import ids
-from mash.clock import from_epoch, iso, utcnow
+from mash.clock import BOOTTIME, from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
 
@@ -72,6 +73,8 @@ class BackendAPIClient:
         self._access_exp = 0.0
         self._access_life = 0.0
         self._blocked_until = 0.0      # monotonic; set by a 429
+        # (the backend's time, CLOCK_BOOTTIME) at its last answer with a Date header
+        self.server_clock: tuple[float, float] | None = None
         self._online: bool | None = None
         self._registered = False          # send_sensor_data registers once per client
         self._uid = ids.new_uid()             # reading ids of readings never stored
@@ -176,6 +179,7 @@ class BackendAPIClient:
         except requests.RequestException as exc:
             self._state(False, f"{exc.__class__.__name__} on {method} {path}")
             raise RetryableError(f"network error: {exc.__class__.__name__} on {method} {path}") from exc
+        self._note_date(resp)
         status = resp.status_code
         if status < 400:
             self._state(True)
@@ -203,6 +207,16 @@ class BackendAPIClient:
             raise RetryableError(f"{method} {path}: {status} {message}", status)
         self._state(True)
         raise PermanentError(f"{method} {path}: {status} {message}", status)
+
+    def _note_date(self, resp) -> None:
+        """The backend's clock from its ``Date`` header (one-second resolution, so half a
+        second is added), paired with ``CLOCK_BOOTTIME`` at receipt: ``server_clock``. Not
+        with our wall clock, which is what may be wrong."""
+        try:
+            server = parsedate_to_datetime(resp.headers["Date"]).timestamp() + 0.5
+        except (KeyError, TypeError, ValueError, IndexError):
+            return
+        self.server_clock = (server, time.clock_gettime(BOOTTIME))
 
     # -- endpoints (raise) -------------------------------------------------------------------
     def register_device(self) -> dict:

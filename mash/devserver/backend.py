@@ -315,6 +315,8 @@ class Backend:
             "readings": dict(q),
             "reading_ids": [r.reading_id for r in Reading.select(Reading.reading_id)
                             .where(Reading.device == serial)] if serial else [],
+            "reading_times": [r.timestamp for r in Reading.select(Reading.timestamp)
+                              .where(Reading.device == serial)] if serial else [],
             "devices": [self._device_json(d) for d in Device.select()],
             "commands": [{"id": c.command_id, "status": c.status, "acks": c.acks,
                           "response": json.loads(c.response) if c.response else None}

@@ -19,7 +19,7 @@ from mash.ids import alert_id
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SchemaTooNew(RuntimeError):
@@ -75,8 +75,15 @@ def _v2(db, migrator, m) -> None:
     log.info("schema v2: %d owed deliveries moved to the outbox", len(owed))
 
 
+def _v3(db, migrator, m) -> None:
+    """Readings stamped before the clock was synchronized carry their boot-relative time
+    until they are rebased (the honest clock)."""
+    apply_operations(migrator.add_column("sensor_data", "mono", m.SensorData.mono),
+                     migrator.add_column("sensor_data", "boot", m.SensorData.boot))
+
+
 # version -> step that upgrades a database from version-1 to version.
-STEPS = {2: _v2}
+STEPS = {2: _v2, 3: _v3}
 
 
 def migrate(db, models) -> int:

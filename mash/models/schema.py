@@ -35,6 +35,10 @@ class SensorData(Model):
     synced = IntegerField(default=PENDING)
     synced_at = DateTimeField(null=True)
     fb_key = CharField()                     # Firebase key, fixed at store time (CONTRACT §4)
+    # Stamped before the clock was synchronized: CLOCK_BOOTTIME at receipt and the boot it
+    # counts from. Held back from every sink until rebased to wall time (mash.timekeeper).
+    mono = FloatField(null=True)
+    boot = CharField(null=True)
 
     class Meta:
         table_name = "sensor_data"

@@ -23,6 +23,7 @@ def collect(store) -> dict:
     fb = sinks.get("firebase")
     newest_ts = S.select(S.timestamp).order_by(S.id.desc()).limit(1).scalar()
     counters = store.counters()
+    hold = store.clock_hold()
     storage = store.meta_get("storage") or {}
     return {
         "backend_online": bool(sinks.get("backend") and sinks["backend"].online),
@@ -42,5 +43,7 @@ def collect(store) -> dict:
         "storage_over_budget": bool(storage.get("over")),
         "readings_deleted_by_retention": counters.get("retention_deleted", 0),
         "actuators": store.actuator_states(),
+        # readings stamped before the clock was synchronized, held from every sink
+        "clock_held_readings": (last_id - hold + 1) if hold else 0,
         "schema_version": SCHEMA_VERSION,
     }

@@ -101,18 +101,30 @@ class Store(LedgerMixin):
                    .order_by(self.m.SensorData.id.desc()).first())
             last = row.fb_key if row else ""
         key = ids.firebase_key(ts, last)
+        if last and ids.firebase_key_order(key) <= ids.firebase_key_order(last):
+            # The clock went back: this second may already hold an older reading's backup,
+            # which must never be overwritten. Rare, so a scan is fine here.
+            S = self.m.SensorData
+            taken = [k for (k,) in S.select(S.fb_key).where(
+                (S.room == room) & ((S.fb_key == key) | S.fb_key.startswith(key + "-"))).tuples()]
+            if taken:
+                key = ids.firebase_key(ts, max(taken, key=ids.firebase_key_order))
         self._last_fb_key[room] = key
         return key
 
     @writes
-    def save_sensor_data(self, data: dict, timestamp: dt.datetime | float | None = None) -> list[int]:
+    def save_sensor_data(self, data: dict, timestamp: dt.datetime | float | None = None,
+                         provisional: tuple[str, float] | None = None) -> list[int]:
         """Store one reading line (``{"fruiting": {...}, "spawning": {...}}``) atomically
         and return the new row ids.
 
         Accepts the guide's shape (``temp``/``humidity``/``co2`` per room, optional
         top-level ``timestamp`` in epoch seconds). The reading ids it was given are put in
         ``data["reading_ids"]`` ({room: id}), so the guide's direct ``send_sensor_data`` of
-        the same dict sends the same ids and the backend keeps the reading once."""
+        the same dict sends the same ids and the backend keeps the reading once.
+
+        ``provisional``: ``(boot id, CLOCK_BOOTTIME)`` when the clock is not synchronized
+        yet; the reading is held from every sink until ``rebase.rebase`` fixes its time."""
         ts = timestamp if timestamp is not None else data.get("timestamp")
         if isinstance(ts, (int, float)):
             ts = from_epoch(ts)
@@ -124,7 +136,9 @@ class Store(LedgerMixin):
                 continue
             rows.append(dict(room=room, temperature=float(values["temp"]),
                              humidity=float(values["humidity"]), co2=int(values["co2"]),
-                             timestamp=ts, fb_key=self._fb_key(room, ts)))
+                             timestamp=ts, fb_key=self._fb_key(room, ts),
+                             boot=provisional[0] if provisional else None,
+                             mono=provisional[1] if provisional else None))
         if not rows:
             return []
         # One statement: atomic by itself (no nested savepoint inside a caller's
@@ -132,7 +146,20 @@ class Store(LedgerMixin):
         last = self.m.SensorData.insert_many(rows).execute()
         row_ids = list(range(last - len(rows) + 1, last + 1))
         data["reading_ids"] = {r["room"]: self.reading_id(i) for r, i in zip(rows, row_ids)}
+        if provisional and self.clock_hold() is None:
+            self.meta_set("clock_hold", row_ids[0])
         return row_ids
+
+    def clock_hold(self) -> int | None:
+        """The first reading stamped before the clock was synchronized: no sink gets it, or
+        anything after it, until it is rebased."""
+        return self.meta_get("clock_hold")
+
+    def _held(self, upto: int | None) -> int | None:
+        hold = self.clock_hold()
+        if hold is None:
+            return upto
+        return hold - 1 if upto is None else min(upto, hold - 1)
 
     def backend_progress(self) -> int:
         """Every reading id up to this one is synced or rejected."""
@@ -143,6 +170,7 @@ class Store(LedgerMixin):
         marker), oldest first: a rowid range scan, no index needed."""
         S = self.m.SensorData
         cond = (S.id > max(after_id, self.backend_progress())) & (S.synced == PENDING)
+        upto = self._held(upto)
         if upto is not None:
             cond &= S.id <= upto
         return list(S.select().where(cond).order_by(S.id).limit(limit))
@@ -190,9 +218,11 @@ class Store(LedgerMixin):
         return n
 
     def readings_after(self, after_id: int, limit: int, upto: int | None = None) -> list:
-        """Readings with ids past ``after_id`` (up to ``upto``), oldest first."""
+        """Readings with ids past ``after_id`` (up to ``upto``), oldest first; none held
+        for the clock."""
         S = self.m.SensorData
         cond = S.id > after_id
+        upto = self._held(upto)
         if upto is not None:
             cond &= S.id <= upto
         return list(S.select().where(cond).order_by(S.id).limit(limit))

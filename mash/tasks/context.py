@@ -14,6 +14,7 @@ from collections import deque
 from mash.cloud.backend_api import BackendAPIClient
 from mash.cloud.firebase import FirebaseSync
 from mash.cloud.mqtt_client import MQTTClient
+from mash.clock import ClockSource, from_epoch, iso
 from mash.config import Settings
 from mash.control import effective_modes
 from mash.models import Store
@@ -29,7 +30,8 @@ class WorkerContext:
     drain_batch = 500        # readings per request while a large backlog drains
 
     def __init__(self, settings: Settings, store: Store | None = None,
-                 backend=_CREATE, mqtt=_CREATE, firebase=_CREATE):
+                 backend=_CREATE, mqtt=_CREATE, firebase=_CREATE,
+                 clock_source: ClockSource | None = None):
         self.settings = settings
         self.store = store or Store(settings.db_path)
         if backend is _CREATE:
@@ -42,6 +44,8 @@ class WorkerContext:
         self.mqtt = mqtt if mqtt is not None and getattr(mqtt, "enabled", True) else None
         self.firebase = firebase if firebase is not None and firebase.is_initialized else None
         self.registered = False
+        self.clock = clock_source or ClockSource(trust=settings.clock_sync == "trust")
+        self._clock_fact_boot: str | None = None
         # outbox item id -> when it was published to MQTT and not yet confirmed
         self.in_flight: dict[int, float] = {}
         self.confirmed: deque[int] = deque()      # PUBACKed outbox items not yet recorded
@@ -106,6 +110,39 @@ class WorkerContext:
         for item_id in [i for i, t in list(self.in_flight.items())
                         if t == self.CONFIRMED and i not in owed_ids]:
             self.in_flight.pop(item_id, None)
+
+    # -- the clock ------------------------------------------------------------------------
+    def backend_base(self) -> float | None:
+        """True wall time minus ``CLOCK_BOOTTIME``, from the backend's last ``Date``."""
+        server_clock = getattr(self.backend, "server_clock", None) if self.backend else None
+        return server_clock[0] - server_clock[1] if server_clock else None
+
+    def clock_offset(self) -> float | None:
+        """Seconds to add to this machine's wall clock for true time: 0 once it is
+        synchronized, the backend's offset (its ``Date``) until then, None when neither is
+        known."""
+        if self.clock.synchronized():
+            return 0.0
+        base = self.backend_base()
+        return None if base is None else base + self.clock.boottime() - self.clock.wall()
+
+    def note_backend_time(self) -> None:
+        """After a backend answer: while our clock is not synchronized, record the backend's
+        time for this boot in the store (``clock``), once, so the reader can rebase the
+        readings it holds (mash.timekeeper)."""
+        base = self.backend_base()
+        boot = self.clock.boot_id()
+        if base is None or self._clock_fact_boot == boot:
+            return
+        self._clock_fact_boot = boot
+        if self.clock.synchronized():
+            return
+        offset = base + self.clock.boottime() - self.clock.wall()
+        self.store.meta_set("clock", {"boot": boot, "base": base, "source": "backend",
+                                      "offset_s": round(offset, 1),
+                                      "at": iso(from_epoch(base + self.clock.boottime()))})
+        log.warning("clock not synchronized: using the backend's time (ours is %+.0f s off) "
+                    "until it is", -offset)
 
     def stats(self) -> dict:
         """The guide's stats, and each room's control mode."""

@@ -5,10 +5,12 @@
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import queue
 
+from mash.clock import from_epoch
 from mash.commands import Rejected, merge_configuration, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING
@@ -38,7 +40,11 @@ def intake(ctx, cmd: dict, source: str, size: int | None = None) -> str:
         store.incr("command.duplicate")
         return "duplicate"
     try:
-        command, params, expires = validate(cmd, ctx.settings.device_id, size)
+        offset = ctx.clock_offset()
+        now = None if offset is None else from_epoch(ctx.clock.wall() + offset)
+        command, params, expires = validate(cmd, ctx.settings.device_id, size, now=now)
+        if expires is not None:      # in this machine's clock, which the reader compares with
+            expires -= dt.timedelta(seconds=offset)
     except Rejected as exc:
         name = cmd.get("command") if isinstance(cmd.get("command"), str) else "?"
         if store.add_command(command_id, name[:64], {}, source, status=FAILED, reason=str(exc)):

@@ -31,6 +31,7 @@ def backend_call(ctx, fn, *args, **kwargs):
         raise
     if ctx.store.sink_ok("backend"):
         log.debug("backend recorded online")
+    ctx.note_backend_time()
     return result
 
 
