@@ -87,30 +87,63 @@ def wait_for_drain(store: Store, start_pending: int, timeout: float, out=sys.std
 
 def cmd_status(args) -> int:
     settings = Settings.load()
-    store = Store(settings.db_path)
-    stats = store.get_stats()
-    stats["mode"] = effective_modes(settings.control_mode,
-                                    (store.meta_get("configuration") or {}).get("mode"))
+    stats = status_report(settings, Store(settings.db_path))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    mark = {True: "online", False: "offline"}
-    print(f"backend:  {mark[stats['backend_online']]}")
-    print(f"mqtt:     {mark[stats['mqtt_online']]}")
-    print(f"firebase: {mark[stats['firebase_online']]}")
-    print(f"synced:   {stats['total_synced']}")
-    print(f"pending:  {stats['pending_records']} (oldest {stats['oldest_pending_age_s']:.0f} s old)")
-    if stats["rejected_records"]:
-        print(f"rejected: {stats['rejected_records']} (mash sync --retry-rejected sends them again)")
-    print(f"firebase lag: {stats['firebase_lag_records']} readings")
-    print(f"last sync: {stats['last_sync'] or 'never'}")
-    print(f"last reading: {stats['last_reading'] or 'none yet'}")
-    print(f"alerts undelivered: {stats['alerts_pending']}, command acks undelivered: "
-          f"{stats['commands_unacked']}, bad lines: {stats['bad_lines']}")
-    print("climate control: " + ", ".join(f"{room} {m}" for room, m in stats["mode"].items()))
-    for actuator, a in stats["actuators"].items():
-        print(f"  {actuator:<22} {a['state']:<3} set by {a['source']} since {a['since']}")
+    print("\n".join(status_lines(stats)))
     return 0
+
+
+def status_report(settings: Settings, store: Store) -> dict:
+    """The guide's stats, plus each sink's state in words and each room's mode."""
+    stats = store.get_stats()
+    stats["mode"] = effective_modes(settings.control_mode,
+                                    (store.meta_get("configuration") or {}).get("mode"))
+    worker = stats["processes"].get("worker") or {}
+    configured = {"backend": settings.backend_enabled, "mqtt": settings.mqtt_enabled,
+                  "firebase": settings.firebase_enabled}
+    stats["sinks"] = {
+        name: ("off (not configured)" if not on else
+               "unknown (worker not running)" if not worker.get("alive") else
+               "online" if stats[f"{name}_online"] else "offline")
+        for name, on in configured.items()}
+    return stats
+
+
+def _process_line(name: str, beat: dict | None) -> str:
+    if not beat:
+        return f"{name}:   never started"
+    if beat["alive"]:
+        return f"{name}:   running (pid {beat['pid']}, heartbeat {beat['age_s']:.0f} s ago)"
+    why = "stopped" if beat.get("stopped") else "not running"
+    return f"{name}:   {why} (last heartbeat {beat['at']}, {beat['age_s']:.0f} s ago)"
+
+
+def status_lines(stats: dict) -> list[str]:
+    procs = stats["processes"]
+    lines = [_process_line("reader", procs.get("reader")), _process_line("worker", procs.get("worker"))]
+    board = (procs.get("reader") or {}).get("board")
+    if board and (procs["reader"]["alive"]):
+        lines.append(f"board:    connected on {board['port']} since {board['since']}" if board["connected"]
+                     else f"board:    not connected since {board['since']} ({board.get('problem')})")
+    lines += [f"{name + ':':<9} {state}" for name, state in stats["sinks"].items()]
+    lines.append(f"synced:   {stats['total_synced']}")
+    lines.append(f"pending:  {stats['pending_records']} (oldest {stats['oldest_pending_age_s']:.0f} s old)")
+    if stats["clock_held_readings"]:
+        lines.append(f"clock:    not synchronized yet: {stats['clock_held_readings']} readings held "
+                     "until it is (NTP, or the backend's time)")
+    if stats["rejected_records"]:
+        lines.append(f"rejected: {stats['rejected_records']} (mash sync --retry-rejected sends them again)")
+    lines.append(f"firebase lag: {stats['firebase_lag_records']} readings")
+    lines.append(f"last sync: {stats['last_sync'] or 'never'}")
+    lines.append(f"last reading: {stats['last_reading'] or 'none yet'}")
+    lines.append(f"alerts undelivered: {stats['alerts_pending']}, command acks undelivered: "
+                 f"{stats['commands_unacked']}, bad lines: {stats['bad_lines']}")
+    lines.append("climate control: " + ", ".join(f"{room} {m}" for room, m in stats["mode"].items()))
+    for actuator, a in stats["actuators"].items():
+        lines.append(f"  {actuator:<22} {a['state']:<3} set by {a['source']} since {a['since']}")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

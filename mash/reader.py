@@ -23,7 +23,7 @@ from mash import protocol
 from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.chamber import Chamber
-from mash.clock import ClockSource
+from mash.clock import ClockSource, iso, utcnow
 from mash.config import Settings
 from mash.contract import KEEPALIVE
 from mash.climate import ClimateLoop
@@ -56,6 +56,7 @@ class Reader:
     SILENCE = 30.0
     RECONNECT_MAX = 2.0
     UNSTORED_MAX = 50_000
+    BEAT_EVERY = 60.0       # s between heartbeat rows (mash status, mash doctor)
 
     def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
                  wallclock=None, clock_source: ClockSource | None = None):
@@ -83,6 +84,9 @@ class Reader:
         self.unstored: deque = deque(maxlen=self.UNSTORED_MAX)
         self.store_error: str | None = None
         self._sim = None
+        self.board_state = {"connected": False, "since": iso(utcnow()), "port": None,
+                            "problem": "not opened yet"}
+        self._next_beat = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self, *_):
@@ -117,6 +121,7 @@ class Reader:
                     if problem != last_problem:
                         log.warning("board not available: %s; retrying", problem)
                         last_problem = problem
+                        self._board_changed(False, problem=problem)
                     self.chores()
                     self.stop_event.wait(delay)
                     delay = min(delay * 2, self.RECONNECT_MAX)
@@ -125,6 +130,7 @@ class Reader:
                 self.connected_port = port
                 self.connections += 1
                 log.info("board connected on %s", port)
+                self._board_changed(True, port=port)
                 try:
                     why = self._session(link)
                 finally:
@@ -135,8 +141,11 @@ class Reader:
                     self.connected_port = None
                 if why:
                     log.warning("board lost: %s; reconnecting", why)
+                    self._board_changed(False, problem=why)
         finally:
             self.flush_counts()
+            self.board_state = {**self.board_state, "connected": False}
+            self._beat(stopped=True)
             if self._sim:
                 self._sim.stop()
             log.info("reader stopped")
@@ -268,7 +277,29 @@ class Reader:
             self.store_error = None
 
     # -- periodic -----------------------------------------------------------------------
+    def _board_changed(self, connected: bool, port: str | None = None,
+                       problem: str | None = None) -> None:
+        if connected != self.board_state["connected"] or problem != self.board_state["problem"]:
+            since = iso(utcnow()) if connected != self.board_state["connected"] \
+                else self.board_state["since"]
+            self.board_state = {"connected": connected, "since": since, "port": port,
+                                "problem": problem}
+            self._beat(force=True)
+
+    def _beat(self, force: bool = False, stopped: bool = False) -> None:
+        """The reader's heartbeat row: alive, and whether the board is connected since when."""
+        now = time.monotonic()
+        if not (force or stopped) and now < self._next_beat:
+            return
+        self._next_beat = now + self.BEAT_EVERY
+        try:
+            self.store.beat("reader", self.BEAT_EVERY, board=self.board_state,
+                            **({"stopped": True} if stopped else {}))
+        except DatabaseError as exc:
+            log.debug("heartbeat not written: %s", exc)
+
     def chores(self) -> None:
+        self._beat()
         try:
             self.timekeeper.check()
         except DatabaseError as exc:          # the rebase is tried again next second

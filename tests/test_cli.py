@@ -55,3 +55,25 @@ def test_run_stores_simulated_readings_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert "no Arduino attached: simulated board on" in out
     assert "reader stopped" in out and "worker stopped" in out
+
+
+def test_status_tells_unconfigured_sinks_and_a_dead_worker_apart(run_cli, tmp_path):
+    """An absent sink is "off (not configured)", not "offline"; a worker that stopped beating
+    is not shown as online anywhere, whatever its last flags said."""
+    data = tmp_path / "d"
+    store = Store(data / "mash.db")
+    store.sink_ok("backend")                    # the worker's last word: online
+    store.meta_set("process.worker", {"at": "2026-01-01T00:00:00.000Z", "pid": 1, "every": 60})
+    store.beat("reader", 60, board={"connected": True, "since": "2026-11-27T10:00:00.000Z",
+                                    "port": "/dev/ttyACM0", "problem": None})
+    env = {"MASH_DATA_DIR": str(data), "BACKEND_URL": "http://127.0.0.1:9",
+           "DEVICE_EMAIL": "d@x", "DEVICE_PASSWORD": "p"}
+    stats = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert stats["sinks"] == {"backend": "unknown (worker not running)",
+                              "mqtt": "off (not configured)", "firebase": "off (not configured)"}
+    assert stats["backend_online"] is False
+    assert stats["processes"]["reader"]["alive"] and not stats["processes"]["worker"]["alive"]
+    text = run_cli("status", env=env).stdout
+    assert "worker:   not running" in text and "reader:   running" in text
+    assert "board:    connected on /dev/ttyACM0" in text
+    assert "mqtt:     off (not configured)" in text

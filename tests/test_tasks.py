@@ -280,3 +280,33 @@ def test_no_new_sync_is_enqueued_while_a_retry_of_one_is_pending(gateway, caplog
     assert not errors and not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
     gateway.devserver.faults(fail_next=0)
     tasks.huey.storage.flush_schedule()
+
+
+def test_backend_hears_offline_on_a_clean_stop_and_error_when_the_board_is_lost(make_settings,
+                                                                                 devserver):
+    ctx = WorkerContext(make_settings(**devserver.env()), mqtt=None, firebase=None)
+    lost = "2026-01-01T00:00:00.000Z"
+    ctx.store.beat("reader", 60, board={"connected": False, "since": lost, "port": None,
+                                        "problem": "no board found"})
+    status.heartbeat(ctx)
+    device = devserver.state()["devices"][0]
+    assert device["status"] == "ERROR"
+    assert "board lost since " + lost in device["metadata"]["error"]
+    ctx.store.beat("reader", 60, board={"connected": True, "since": lost, "port": "/dev/ttyACM0",
+                                        "problem": None})
+    status.heartbeat(ctx)
+    assert devserver.state()["devices"][0]["status"] == "ONLINE"
+    ctx.close()
+    assert devserver.state()["devices"][0]["status"] == "OFFLINE"
+    assert ctx.store.processes()["worker"]["stopped"] is True
+
+
+def test_device_status_waits_five_minutes_before_error():
+    now = dt.datetime(2026, 11, 27, 12, 0, 0)
+    board = lambda since: {"reader": {"alive": True, "age_s": 1, "at": "", "board": {  # noqa: E731
+        "connected": False, "since": since, "problem": "unplugged"}}}
+    assert status.device_status(board("2026-11-27T11:56:00.000Z"), now) == ("ONLINE", None)
+    assert status.device_status(board("2026-11-27T11:55:00.000Z"), now)[0] == "ERROR"
+    dead = {"reader": {"alive": False, "age_s": 400, "at": "2026-11-27T11:53:20.000Z"}}
+    assert status.device_status(dead, now)[0] == "ERROR"
+    assert status.device_status({}, now) == ("ONLINE", None)

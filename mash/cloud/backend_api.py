@@ -161,7 +161,7 @@ class BackendAPIClient:
 
     # -- transport -----------------------------------------------------------------------
     def _send(self, method: str, path: str, body=None, auth: bool = True, headers=None,
-              _retried: bool = False):
+              _retried: bool = False, timeout: float | None = None):
         hdrs = dict(headers or {})
         if auth:
             hdrs["Authorization"] = f"Bearer {self._ensure_token()}"
@@ -172,7 +172,7 @@ class BackendAPIClient:
             raise RetryableError(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
         try:
             resp = self.session.request(method, self.base + path, json=body, headers=hdrs,
-                                        timeout=self.timeout)
+                                        timeout=timeout or self.timeout)
         except requests.Timeout as exc:
             self._state(False, f"timeout on {method} {path}")
             raise RetryableError(f"timeout: {method} {path}") from exc
@@ -195,7 +195,8 @@ class BackendAPIClient:
                 log.info("backend answered 401 to %s %s; renewing the session once", method, path)
                 with self._lock:
                     self._refresh_tokens()
-                return self._send(method, path, body, auth, headers, _retried=True)
+                return self._send(method, path, body, auth, headers, _retried=True,
+                                  timeout=timeout)
             raise AuthError(f"{method} {path}: 401 {message}", status)
         if status == 429:
             after = _retry_after(resp)
@@ -231,9 +232,12 @@ class BackendAPIClient:
                 return {"serialNumber": s.device_id, "alreadyRegistered": True}
             raise
 
-    def update_status(self, status: str = "ONLINE", metadata: dict | None = None) -> dict:
+    def update_status(self, status: str = "ONLINE", metadata: dict | None = None,
+                      timeout: float | None = None) -> dict:
+        """PUT /devices/{id}: ONLINE, OFFLINE (a clean stop), MAINTENANCE or ERROR."""
         return self._send("PUT", f"/devices/{self.settings.device_id}",
-                          {"status": status, "lastSeen": iso(utcnow()), "metadata": metadata or {}})
+                          {"status": status, "lastSeen": iso(utcnow()), "metadata": metadata or {}},
+                          timeout=timeout)
 
     def upload_readings(self, readings: list[dict], key: str) -> dict:
         """POST /sensors/data with an Idempotency-Key; ``{"accepted", "duplicates"}``."""

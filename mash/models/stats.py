@@ -25,10 +25,14 @@ def collect(store) -> dict:
     counters = store.counters()
     hold = store.clock_hold()
     storage = store.meta_get("storage") or {}
+    processes = store.processes()
+    # the online flags are the worker's: a worker that stopped beating is online nowhere
+    worker_alive = bool(processes.get("worker", {}).get("alive"))
     return {
-        "backend_online": bool(sinks.get("backend") and sinks["backend"].online),
-        "mqtt_online": bool(sinks.get("mqtt") and sinks["mqtt"].online),
-        "firebase_online": bool(fb and fb.online),
+        "backend_online": worker_alive and bool(sinks.get("backend") and sinks["backend"].online),
+        "mqtt_online": worker_alive and bool(sinks.get("mqtt") and sinks["mqtt"].online),
+        "firebase_online": worker_alive and bool(fb and fb.online),
+        "processes": processes,
         "total_synced": counts.get(SYNCED, 0),
         "pending_records": counts.get(PENDING, 0),
         "rejected_records": counts.get(REJECTED, 0),

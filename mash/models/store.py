@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -235,6 +236,28 @@ class Store(LedgerMixin):
         """Readings the backend does not have yet (what the guide's query counts)."""
         S = self.m.SensorData
         return S.select().where((S.id > self.backend_progress()) & (S.synced == PENDING)).count()
+
+    # -- process heartbeats -------------------------------------------------------------
+    def beat(self, process: str, every: float, **info) -> None:
+        """``process`` is alive (and says it beats every ``every`` s): ``mash status``,
+        ``mash doctor`` and the worker's ERROR report read it."""
+        self.meta_set(f"process.{process}", {"at": iso(utcnow()), "pid": os.getpid(),
+                                             "every": every, **info})
+
+    def processes(self) -> dict:
+        """Each process's last heartbeat, with ``alive`` (beat within three periods and not
+        stopped) and ``age_s``."""
+        KV = self.m.KeyValue
+        now = utcnow()
+        found = {}
+        for row in KV.select().where(KV.key.startswith("process.")):
+            beat = json.loads(row.value)
+            at = dt.datetime.fromisoformat(beat["at"].rstrip("Z"))
+            age = (now - at).total_seconds()
+            beat["age_s"] = round(age, 1)
+            beat["alive"] = not beat.get("stopped") and age < 3 * float(beat.get("every", 60))
+            found[row.key[len("process."):]] = beat
+        return found
 
     # -- counters and meta --------------------------------------------------------------
     @writes

@@ -46,6 +46,7 @@ class WorkerContext:
         self.registered = False
         self.clock = clock_source or ClockSource(trust=settings.clock_sync == "trust")
         self._clock_fact_boot: str | None = None
+        self.device_state = "ONLINE"          # what the backend last heard (status.heartbeat)
         # outbox item id -> when it was published to MQTT and not yet confirmed
         self.in_flight: dict[int, float] = {}
         self.confirmed: deque[int] = deque()      # PUBACKed outbox items not yet recorded
@@ -157,8 +158,21 @@ class WorkerContext:
         return stats
 
     def close(self) -> None:
+        """A clean stop: MQTT's retained status says offline, the backend hears OFFLINE (one
+        short try: a stop never waits on a dead uplink), and the heartbeat row says stopped."""
         if self.mqtt is not None:
             self.mqtt.disconnect()
             self.store.sink_failed("mqtt", "worker stopped")
         if self.backend is not None:
+            if self.registered:
+                try:
+                    self.backend.update_status("OFFLINE", {"reason": "gateway stopped"},
+                                               timeout=3.0)
+                    log.info("backend told: OFFLINE")
+                except Exception as exc:      # noqa: BLE001 - best effort on the way out
+                    log.info("could not tell the backend OFFLINE: %s", exc)
             self.backend.close()
+        try:
+            self.store.beat("worker", self.intervals["heartbeat"], stopped=True)
+        except Exception as exc:              # noqa: BLE001 - the store may be what failed
+            log.debug("last heartbeat not written: %s", exc)

@@ -28,6 +28,7 @@ class WorkerService:
             ctx.mqtt.status_extra = ctx.stats
             ctx.mqtt.on_state_change = self._mqtt_state
             ctx.mqtt.connect(timeout=0)
+        ctx.store.beat("worker", ctx.intervals["heartbeat"])
         self.scheduler.start()
         if self.live is not None:
             self.live.start()
