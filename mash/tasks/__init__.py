@@ -6,6 +6,7 @@ By concern:
 - ``sync``: readings to the backend (drain) and to Firebase (backup);
 - ``delivery``: alerts and command outcomes from the outbox to both sinks;
 - ``intake``: commands in from the backend poll and MQTT; ``status``: the heartbeat;
+- ``remote_config``: the configuration pulled from the backend and Firebase;
 - ``schedule``: the second-resolution scheduler; ``live``: the live MQTT feed;
 - ``service``: those threads started and stopped together; ``manager``: the guide's
   sync manager over all of this.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from mash.config import ConfigError, Settings, environment, queue_path_from
 from mash.logs import setup_logging
-from mash.tasks import delivery, intake, status, sync
+from mash.tasks import delivery, intake, remote_config, status, sync
 from mash.tasks.context import WorkerContext
 from mash.tasks.queue import make_huey, run_job
 from mash.tasks.schedule import Periodic
@@ -82,6 +83,8 @@ sync_readings = _job(sync.sync_readings, retries=4, retry_delay=5, retry_backoff
 backup_firebase = _job(sync.backup_firebase, retries=4, retry_delay=5, retry_backoff=2)
 poll_commands = _job(intake.poll_commands)        # its next interval is its retry
 heartbeat = _job(status.heartbeat)
+pull_configuration = _job(remote_config.pull_configuration, retries=3, retry_delay=10,
+                          retry_backoff=2)
 
 _deliver_lock = huey.lock_task("deliver")
 
@@ -117,6 +120,8 @@ def periodic_jobs() -> list[Periodic]:
         Periodic("backup_firebase", backup_firebase, due=sync.backup_due, interval="sync"),
         Periodic("poll", poll_commands, due=lambda ctx: ctx.backend is not None),
         Periodic("heartbeat", heartbeat),
+        Periodic("pull_configuration", pull_configuration, interval="config",
+                 due=lambda ctx: ctx.backend is not None or ctx.firebase is not None),
         Periodic("deliver", deliver, due=lambda ctx: ctx.store.has_undelivered()),
         # another process committed: deliver now what should not wait for the sweep
         Periodic("deliver_now", deliver, interval="deliver",
@@ -172,4 +177,5 @@ def _worker_stopping() -> None:
 
 
 __all__ = ["huey", "sync_readings", "backup_firebase", "poll_commands", "heartbeat", "deliver",
+           "pull_configuration",
            "force_sync", "current_context", "set_context", "start_service", "busy"]

@@ -65,6 +65,7 @@ class WorkerContext:
             "poll": configured.get("command_poll_interval", s.command_poll_interval),
             "heartbeat": configured.get("heartbeat_interval", s.heartbeat_interval),
             "deliver": self.SWEEP_EVERY,
+            "config": s.config_pull_interval,
         }
 
     def wake(self, kind: str) -> None:
