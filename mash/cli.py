@@ -7,8 +7,9 @@ import os
 import sys
 import time
 
-from mash import devserver, reader, simulator, supervisor, tasks, worker
+from mash import devserver, export, reader, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
+from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.logs import setup_logging
 from mash.models import Store
@@ -146,6 +147,27 @@ def status_lines(stats: dict) -> list[str]:
     return lines
 
 
+def cmd_export(args) -> int:
+    settings = Settings.load()
+    try:
+        start, end = export.parse_when(args.start), export.parse_when(args.end)
+    except ValueError as exc:
+        print(f"mash export: {exc}", file=sys.stderr)
+        return 2
+    store = Store(settings.db_path)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        n = export.export(store, out, start=start, end=end, room=args.room, fmt=args.format)
+    except BrokenPipeError:          # `mash export | head`: the reader of the pipe left
+        return 0
+    finally:
+        if args.output:
+            out.close()
+    print(f"exported {n} readings" + (f" to {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mash", description="MASH gateway")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -184,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retry-rejected", action="store_true",
                    help="send readings the backend refused (synced = -1) again")
     s.set_defaults(func=cmd_sync)
+    s = sub.add_parser("export", help="readings as CSV or JSON lines, streamed")
+    s.add_argument("--from", dest="start", help="first time included (UTC): 2026-11-01 or 2026-11-01T06:00")
+    s.add_argument("--to", dest="end", help="first time excluded (UTC)")
+    s.add_argument("--room", choices=ROOMS)
+    s.add_argument("--format", choices=export.FORMATS, default="csv")
+    s.add_argument("-o", "--output", help="file to write (default: standard output)")
+    s.set_defaults(func=cmd_export)
     s = sub.add_parser("status", help="the guide's sync stats")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)

@@ -18,11 +18,11 @@ LAYERS = [
     ("clients", ["mash.cloud", "mash.cloud.errors", "mash.cloud.backend_api",
                  "mash.cloud.mqtt_client", "mash.cloud.firebase"]),
     ("services", ["mash.simulator", "mash.board", "mash.housekeeping", "mash.reader",
-                  "mash.climate", "mash.timekeeper", "mash.heartbeat",
+                  "mash.climate", "mash.timekeeper", "mash.export",
                   "mash.devserver", "mash.devserver.*", "mash.tasks", "mash.tasks.*", "mash.cloud.sync",
                   "mash.dashboard", "mash.dashboard.*"]),
     ("entry points", ["mash.cli", "mash.__main__", "mash.worker", "mash.supervisor",
-                      "mash.service", "mash.doctor", "mash.export"]),
+                      "mash.service", "mash.doctor"]),
 ]
 SERIAL_SIDE = ["mash.reader", "mash.board", "mash.housekeeping", "mash.climate", "mash.simulator",
                "mash.timekeeper",
