@@ -6,8 +6,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-from mash import devserver, export, reader, simulator, supervisor, tasks, worker
+from mash import devserver, export, reader, service, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
 from mash.contract import ROOMS
 from mash.control import effective_modes
@@ -168,6 +169,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_service(args) -> int:
+    unit_dir = Path(args.unit_dir) if args.unit_dir else service.UNIT_DIR
+    if args.action == "uninstall":
+        return service.uninstall(unit_dir, stop=not args.no_start)
+    user = args.user or service.default_user()
+    if args.dry_run:
+        for name, text in service.units(user).items():
+            print(f"# {name}\n{text}")
+        ok, why = service.serial_access(user)
+        print(("# ✓ " if ok else "# ✗ ") + why)
+        return 0
+    return service.install(user, unit_dir, start=not args.no_start)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mash", description="MASH gateway")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -213,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=export.FORMATS, default="csv")
     s.add_argument("-o", "--output", help="file to write (default: standard output)")
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("service", help="systemd units for the reader and the worker")
+    s.add_argument("action", choices=("install", "uninstall"))
+    s.add_argument("--user", help="who the services run as (default: you, or who ran sudo)")
+    s.add_argument("--dry-run", action="store_true", help="print the units, change nothing")
+    s.add_argument("--unit-dir", help=f"where the units go (default {service.UNIT_DIR})")
+    s.add_argument("--no-start", action="store_true", help="write the units only (no systemctl)")
+    s.set_defaults(func=cmd_service)
     s = sub.add_parser("status", help="the guide's sync stats")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)

@@ -38,17 +38,25 @@ def _is_loopback(host: str | None) -> bool:
 
 
 RAM_DIR = Path("/dev/shm")
+RUN_DIR = Path("/run/mash")       # systemd's RuntimeDirectory=mash (mash service install)
 
 
-def resolve_queue_dir(data_dir: Path, configured: Path | None = None) -> Path:
+def resolve_queue_dir(data_dir: Path, configured: Path | None = None,
+                      runtime: Path | None = None) -> Path:
     """Where the queue file of the gateway whose data is in ``data_dir`` lives.
 
-    The reader, the worker and the shell must agree on it without talking, so the RAM
-    location is derived from the data directory's absolute path."""
+    The reader, the worker and the shell must agree on it without talking, so it is derived
+    from the data directory's absolute path under the first RAM location that exists:
+    ``runtime`` (systemd's ``RUNTIME_DIRECTORY``), ``/run/mash`` (the units made it, so a
+    shell finds it too), ``/dev/shm/mash-<uid>``; else the data directory itself.
+    ``configured`` (``MASH_QUEUE_DIR``) is used as it is."""
     if configured is not None:
         return configured
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    for root in (runtime, RUN_DIR):
+        if root is not None and root.is_dir() and os.access(root, os.W_OK):
+            return root / digest
     if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK):
-        digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
         return RAM_DIR / f"mash-{os.getuid()}" / digest
     return Path(data_dir)
 
@@ -65,9 +73,10 @@ def queue_path_from(env: dict) -> Path:
     def text(key):
         value = (env.get(key) or "").strip()
         return value or None
-    configured = text("MASH_QUEUE_DIR") or text("RUNTIME_DIRECTORY")
+    configured, runtime = text("MASH_QUEUE_DIR"), text("RUNTIME_DIRECTORY")
     data_dir = Path(text("MASH_DATA_DIR") or "data")
-    return resolve_queue_dir(data_dir, Path(configured) if configured else None) / "queue.db"
+    return resolve_queue_dir(data_dir, Path(configured) if configured else None,
+                             Path(runtime) if runtime else None) / "queue.db"
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Settings:
     serial_baud: int = 9600
     data_dir: Path = Path("data")
     queue_dir: Path | None = None
+    runtime_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
     stale_after: int = 120
     max_db_mb: int = 1024
@@ -115,9 +125,8 @@ class Settings:
     def queue_path(self) -> Path:
         """The Huey queue's file. It holds no durable state (every job is a sweep over
         ``mash.db``), so it lives on RAM-backed storage where there is some: the SD card is
-        spared every enqueue and dequeue. ``MASH_QUEUE_DIR``, else systemd's
-        ``RUNTIME_DIRECTORY``, else ``/dev/shm``, else the data directory."""
-        return resolve_queue_dir(self.data_dir, self.queue_dir) / "queue.db"
+        spared every enqueue and dequeue (``resolve_queue_dir``)."""
+        return resolve_queue_dir(self.data_dir, self.queue_dir, self.runtime_dir) / "queue.db"
 
     @property
     def backend_enabled(self) -> bool:
@@ -274,8 +283,8 @@ class Settings:
             serial_port=serial_port,
             serial_baud=baud,
             data_dir=Path(text("MASH_DATA_DIR", "data")),
-            queue_dir=Path(text("MASH_QUEUE_DIR")) if text("MASH_QUEUE_DIR") else
-            (Path(text("RUNTIME_DIRECTORY")) if text("RUNTIME_DIRECTORY") else None),
+            queue_dir=Path(text("MASH_QUEUE_DIR")) if text("MASH_QUEUE_DIR") else None,
+            runtime_dir=Path(text("RUNTIME_DIRECTORY")) if text("RUNTIME_DIRECTORY") else None,
             thresholds=thresholds,
             stale_after=integer("STALE_AFTER", 120, 10, 86400),
             max_db_mb=integer("MAX_DB_MB", 1024, 1, 1_000_000),

@@ -1,0 +1,169 @@
+"""``mash service install`` / ``uninstall``: systemd units for the reader and the worker (and
+the dashboard), pointing at this virtual environment, this checkout and its data directory.
+
+The units run ``<this python> -m mash <service>`` as the given user, restart on failure, stop
+on SIGTERM (each service finishes what it is doing), and share the queue in
+``RuntimeDirectory=mash`` (``/run/mash``: RAM, made by systemd, kept while either runs). The
+reader gets ``dialout`` as a supplementary group, and the user is checked for it too, since
+``mash doctor`` and ``mash simulate`` open the port as that user.
+
+    mash service install --dry-run              # print the units
+    sudo .venv/bin/mash service install --user pi
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mash.config import Settings
+
+UNIT_DIR = Path("/etc/systemd/system")
+SERIAL_GROUP = "dialout"
+
+
+@dataclass
+class Unit:
+    name: str            # mash-reader
+    description: str
+    command: str         # the mash subcommand
+    after: str = "local-fs.target"
+    wants: str | None = None
+    stop_timeout: int = 20
+    serial: bool = False
+
+
+UNITS = [
+    Unit("mash-reader", "MASH gateway serial reader (the only owner of the board's port)",
+         "reader", serial=True),
+    Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "worker",
+         after="network-online.target", wants="network-online.target", stop_timeout=25),
+]
+
+
+def default_user() -> str:
+    """Who the services run as: the user who ran ``sudo``, else the current user."""
+    return os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+
+
+def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) -> str:
+    group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    lines = [
+        "[Unit]",
+        f"Description={unit.description}",
+        f"After={unit.after}",
+        *([f"Wants={unit.wants}"] if unit.wants else []),
+        "StartLimitIntervalSec=0",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"User={user}",
+        f"Group={group}",
+        *([f"SupplementaryGroups={SERIAL_GROUP}"] if unit.serial else []),
+        f"WorkingDirectory={workdir}",
+        f"Environment=MASH_DATA_DIR={data_dir}",
+        f"Environment=MASH_ENV_FILE={workdir / 'config' / '.env'}",
+        "Environment=PYTHONUNBUFFERED=1",
+        f"ExecStart={python} -m mash {unit.command}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "KillSignal=SIGTERM",
+        f"TimeoutStopSec={unit.stop_timeout}",
+        "# the queue (nothing durable in it) in RAM, shared by the units: no SD-card writes",
+        "RuntimeDirectory=mash",
+        "RuntimeDirectoryPreserve=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def units(user: str, python: str | None = None, workdir: Path | None = None,
+          settings: Settings | None = None) -> dict[str, str]:
+    """``{file name: unit text}`` for this checkout."""
+    settings = settings or Settings.load()
+    workdir = (workdir or Path.cwd()).resolve()
+    data_dir = settings.data_dir if settings.data_dir.is_absolute() else workdir / settings.data_dir
+    python = python or sys.executable
+    return {f"{u.name}.service": render(u, user, python, workdir, data_dir) for u in UNITS}
+
+
+def serial_access(user: str) -> tuple[bool, str]:
+    """Can ``user`` open the board's port? ``(ok, what to say)``."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return False, f"no user {user!r} on this machine"
+    if entry.pw_uid == 0:
+        return True, "root may open any port"
+    try:
+        group = grp.getgrnam(SERIAL_GROUP)
+    except KeyError:
+        return False, f"this system has no {SERIAL_GROUP!r} group: who owns /dev/ttyACM0?"
+    if user in group.gr_mem or entry.pw_gid == group.gr_gid:
+        return True, f"{user} is in {SERIAL_GROUP}"
+    return False, (f"{user} is not in {SERIAL_GROUP}: run `sudo usermod -aG {SERIAL_GROUP} {user}`, "
+                   "then log out and in again")
+
+
+def in_virtualenv() -> bool:
+    return sys.prefix != sys.base_prefix
+
+
+def install(user: str, unit_dir: Path = UNIT_DIR, start: bool = True, out=sys.stdout) -> int:
+    """Write the units, reload systemd, enable and start them; returns an exit code."""
+    try:
+        rendered = units(user)
+    except KeyError:
+        print(f"no user {user!r} on this machine", file=out)
+        return 2
+    ok, why = serial_access(user)
+    print(("✓ " if ok else "✗ ") + why, file=out)
+    if not in_virtualenv():
+        print(f"! {sys.executable} is not a virtual environment: the units will run the "
+              "system Python (see the README's install command)", file=out)
+    if unit_dir == UNIT_DIR and os.geteuid() != 0:
+        print(f"writing to {unit_dir} needs root: run `sudo {sys.executable} -m mash service "
+              f"install --user {user}`", file=out)
+        return 1
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (unit_dir / name).write_text(text)
+        print(f"wrote {unit_dir / name}", file=out)
+    if start:
+        names = list(rendered)
+        for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", *names]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"`{' '.join(cmd)}` failed: {done.stderr.strip()}", file=out)
+                return 1
+        print(f"started {', '.join(names)}; `systemctl status mash-reader` and `mash doctor` "
+              "tell how they are", file=out)
+    return 0 if ok else 1
+
+
+def uninstall(unit_dir: Path = UNIT_DIR, stop: bool = True, out=sys.stdout) -> int:
+    names = [f"{u.name}.service" for u in UNITS]
+    present = [n for n in names if (unit_dir / n).exists()]
+    if not present:
+        print(f"no MASH units in {unit_dir}", file=out)
+        return 0
+    if unit_dir == UNIT_DIR and os.geteuid() != 0:
+        print(f"removing units from {unit_dir} needs root: run `sudo {sys.executable} -m mash "
+              "service uninstall`", file=out)
+        return 1
+    if stop and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "disable", "--now", *present], capture_output=True)
+    for n in present:
+        (unit_dir / n).unlink()
+        print(f"removed {unit_dir / n}", file=out)
+    if stop and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True)
+    return 0

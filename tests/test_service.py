@@ -1,0 +1,57 @@
+"""``mash service``: the units it writes pass ``systemd-analyze verify`` (Debian's systemd),
+point at this virtual environment and data directory, and the serial user is checked."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mash import service
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="systemd-analyze is not installed (Debian's systemd package)")
+
+
+def verify(*paths):
+    return subprocess.run(["systemd-analyze", "verify", *map(str, paths)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path):
+    unit_dir = tmp_path / "units"
+    data = tmp_path / "farm-data"
+    result = run_cli("service", "install", "--unit-dir", str(unit_dir), "--no-start",
+                     env={"MASH_DATA_DIR": str(data)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    reader, worker = unit_dir / "mash-reader.service", unit_dir / "mash-worker.service"
+    text = reader.read_text()
+    assert f"ExecStart={sys.executable} -m mash reader" in text
+    assert f"Environment=MASH_DATA_DIR={data}" in text
+    assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
+    assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text
+    w = worker.read_text()
+    assert "After=network-online.target" in w and "Wants=network-online.target" in w
+    checked = verify(reader, worker)
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+
+    # the check can fail: a unit whose program is missing does not verify
+    broken = tmp_path / "units" / "broken.service"
+    broken.write_text(text.replace(sys.executable, "/nonexistent/python"))
+    assert verify(broken).returncode != 0
+
+    assert run_cli("service", "uninstall", "--unit-dir", str(unit_dir), "--no-start").returncode == 0
+    assert not reader.exists() and not worker.exists()
+
+
+def test_dry_run_prints_the_units_and_changes_nothing(run_cli, tmp_path):
+    result = run_cli("service", "install", "--dry-run", "--unit-dir", str(tmp_path / "u"))
+    assert result.returncode == 0
+    assert "# mash-reader.service" in result.stdout and "# mash-worker.service" in result.stdout
+    assert not (tmp_path / "u").exists()
+
+
+def test_a_user_outside_dialout_is_told_the_fix():
+    ok, why = service.serial_access("nobody")
+    assert not ok and "sudo usermod -aG dialout nobody" in why
+    assert service.serial_access("root")[0]
+    assert not service.serial_access("no-such-user-here")[0]
