@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from mash import devserver, export, reader, service, simulator, supervisor, tasks, worker
+from mash import devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
 from mash.contract import ROOMS
 from mash.control import effective_modes
@@ -169,6 +169,10 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    return doctor.main(as_json=args.json)
+
+
 def cmd_service(args) -> int:
     unit_dir = Path(args.unit_dir) if args.unit_dir else service.UNIT_DIR
     if args.action == "uninstall":
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=export.FORMATS, default="csv")
     s.add_argument("-o", "--output", help="file to write (default: standard output)")
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("doctor", help="check every part, in order, each with its fix")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
     s = sub.add_parser("service", help="systemd units for the reader and the worker")
     s.add_argument("action", choices=("install", "uninstall"))
     s.add_argument("--user", help="who the services run as (default: you, or who ran sudo)")

@@ -298,7 +298,8 @@ class RTDBStandIn:
                 pass
 
             def _reply(self, status, body=None):
-                data = b"" if body is None else json.dumps(body).encode()
+                # the database answers ``null`` for a path that holds nothing
+                data = b"" if status == 204 else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -149,6 +149,21 @@ class BackendAPIClient:
                     self._refresh_tokens()
             return self._access
 
+    def login(self) -> None:
+        """Log in now; raises BackendError saying why (``mash doctor``)."""
+        with self._lock:
+            self._login()
+
+    def device_registered(self) -> bool:
+        """Does the backend know this device? (a read of its configuration: 404 if not)"""
+        try:
+            self._send("GET", f"/devices/{self.settings.device_id}/configuration")
+            return True
+        except PermanentError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
     def authenticate(self) -> bool:
         """Log in now (the guide's call). False, with a log line, when it cannot."""
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -39,6 +40,85 @@ class _PahoNoise(logging.Filter):
 
 
 logging.getLogger("mash.mqtt.paho").addFilter(_PahoNoise())
+
+
+def tls_context(s: Settings) -> ssl.SSLContext:
+    """TLS 1.2+, the broker's certificate and host name verified against MQTT_CA_CERTS (or
+    the system's CAs)."""
+    ctx = ssl.create_default_context(cafile=s.mqtt_ca_certs)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def probe(s: Settings, timeout: float = 5.0) -> list[tuple[str, bool | None, str]]:
+    """``mash doctor``'s MQTT steps, each ``(step, ok, detail)``, stopping at the first that
+    fails (later steps ``None``: not tried): ``tls`` (reach the broker and the TLS handshake
+    with the configured CA), ``auth`` (CONNACK), ``subscribe`` (SUBACK on the command topic).
+    Uses its own client id, so the worker's session is left alone."""
+    host, port = s.mqtt_broker, s.mqtt_port
+    steps: list[tuple[str, bool | None, str]] = []
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            if s.mqtt_tls:
+                with tls_context(s).wrap_socket(raw, server_hostname=host) as tls:
+                    steps.append(("tls", True, f"{host}:{port}, {tls.version()}, certificate verified"))
+            else:
+                steps.append(("tls", True, f"{host}:{port} reached (MQTT_TLS=0: no TLS)"))
+    except ssl.SSLError as exc:
+        return [("tls", False, f"TLS handshake with {host}:{port} failed: {exc.reason or exc}"),
+                ("auth", None, "not tried"), ("subscribe", None, "not tried")]
+    except OSError as exc:
+        return [("tls", False, f"cannot reach the broker at {host}:{port}: {exc.strerror or exc}"),
+                ("auth", None, "not tried"), ("subscribe", None, "not tried")]
+    done = threading.Event()
+    result: dict = {}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"mash-{s.device_id}-doctor",
+                    clean_session=True, protocol=mqtt.MQTTv311)
+    if s.mqtt_username:
+        c.username_pw_set(s.mqtt_username, s.mqtt_password)
+    if s.mqtt_tls:
+        c.tls_set_context(tls_context(s))
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        result["connack"] = reason_code
+        if reason_code.is_failure:
+            done.set()
+        else:
+            client.subscribe(f"devices/{s.device_id}/commands", qos=1)
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        result["suback"] = reason_codes
+        done.set()
+
+    c.on_connect, c.on_subscribe = on_connect, on_subscribe
+    try:
+        c.connect(host, port, keepalive=10)
+        c.loop_start()
+        done.wait(timeout)
+    except (OSError, ssl.SSLError) as exc:
+        result["error"] = str(exc)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    connack = result.get("connack")
+    if connack is None:
+        steps += [("auth", False, f"no answer to the login within {timeout:.0f} s "
+                                  f"{result.get('error', '')}".strip()),
+                  ("subscribe", None, "not tried")]
+    elif connack.is_failure:
+        steps += [("auth", False, f"the broker refused the login: {connack}"),
+                  ("subscribe", None, "not tried")]
+    else:
+        steps.append(("auth", True, f"logged in as {s.mqtt_username or '(no user name)'}"))
+        codes = result.get("suback")
+        if codes is None:
+            steps.append(("subscribe", False, "no answer to the subscription"))
+        elif any(rc.is_failure for rc in codes):
+            steps.append(("subscribe", False, f"the broker refused devices/{s.device_id}/commands: "
+                                              f"{codes[0]}"))
+        else:
+            steps.append(("subscribe", True, f"devices/{s.device_id}/commands granted QoS {codes[0].value}"))
+    return steps
 
 
 class MQTTClient:
@@ -71,9 +151,7 @@ class MQTTClient:
         if s.mqtt_username:
             c.username_pw_set(s.mqtt_username, s.mqtt_password)
         if s.mqtt_tls:
-            ctx = ssl.create_default_context(cafile=s.mqtt_ca_certs)   # verifies cert and host
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            c.tls_set_context(ctx)
+            c.tls_set_context(tls_context(s))
         c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
                                                      "status": "offline"}), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)

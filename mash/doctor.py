@@ -1,0 +1,466 @@
+"""``mash doctor``: what is wrong, in order, each with its fix.
+
+One line per check, ✓ or ✗ (– for a part that is off or was not tried because the one before
+it failed, so each broken part shows exactly one ✗); exit code 0 only when nothing failed.
+The checks read; the only things they write are a login to the backend and a subscription
+under a client id of their own, so they are safe to run beside the live gateway.
+
+    mash doctor
+    mash doctor --json
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import ssl
+import sys
+import time
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+import serial
+
+from mash import protocol
+from mash.clock import ClockSource, parse_iso, utcnow
+from mash.cloud import mqtt_client
+from mash.cloud.backend_api import BackendAPIClient
+from mash.cloud.errors import BackendError
+from mash.cloud.firebase import FirebaseError, FirebaseSync
+from mash.config import ConfigError, Settings
+from mash.models import Store
+from mash.models.migrations import SCHEMA_VERSION
+from mash.reader import find_board
+
+LINE_WITHIN = 10.0          # s: a reading line must arrive within this
+CLOCK_TOLERANCE = 60.0      # s: our clock against the backend's Date
+MIN_FREE_MB = 200
+READING_FRESH = 60.0        # s: the newest stored reading may be this old
+ENV_FILE = "config/.env"
+
+
+@dataclass
+class Check:
+    check: str
+    ok: bool | None          # None: off, or not tried
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = {True: "✓", False: "✗", None: "–"}[self.ok]
+        return f"{mark} {self.check}: {self.detail}" + (f" — fix: {self.fix}" if self.fix else "")
+
+
+class Doctor:
+    def __init__(self, env: dict | None = None):
+        self.env = env
+        self.settings: Settings | None = None
+
+    def run(self):
+        """Yield the checks in order, as each completes."""
+        try:
+            self.settings = Settings.load(self.env) if self.env is not None else Settings.load()
+        except ConfigError as exc:
+            yield Check("configuration", False, str(exc),
+                        f"correct that key in {ENV_FILE} or the environment")
+            return
+        yield Check("configuration", True, "parses")
+        yield from self.serial()
+        yield from self.clock()
+        yield from self.store()
+        yield from self.backend()
+        yield from self.mqtt()
+        yield from self.firebase()
+        yield from self.processes()
+
+    # -- serial ------------------------------------------------------------------------------
+    def serial(self):
+        s = self.settings
+        if s.serial_port == "sim":
+            yield Check("serial port", True, "the simulated board (SERIAL_PORT=sim), inside the reader")
+            yield from self._line_through_reader()
+            return
+        reader_board = (self._processes().get("reader") or {}).get("board") or {}
+        port = s.serial_port or find_board() or (reader_board.get("port") if
+                                                 reader_board.get("connected") else None)
+        if not port:
+            yield Check("serial port", False, "no board found (no /dev/ttyACM* or /dev/ttyUSB*)",
+                        "plug the Arduino in, or set SERIAL_PORT (SERIAL_PORT=sim: the simulated board)")
+            yield from self._not_tried("serial access", "serial holder", "serial reading")
+            return
+        if not os.path.exists(port):
+            yield Check("serial port", False, f"{port} does not exist",
+                        "check the USB cable, then `ls /dev/ttyACM* /dev/ttyUSB*` and SERIAL_PORT")
+            yield from self._not_tried("serial access", "serial holder", "serial reading")
+            return
+        yield Check("serial port", True, f"{port} exists")
+        if not os.access(port, os.R_OK | os.W_OK):
+            user = os.environ.get("USER") or str(os.getuid())
+            yield Check("serial access", False, f"this user may not open {port}",
+                        f"`sudo usermod -aG dialout {user}`, then log out and in again")
+            yield from self._not_tried("serial holder", "serial reading")
+            return
+        yield Check("serial access", True, f"this user may open {port}")
+        holders = port_holders(port)
+        reader_pid = (self._processes().get("reader") or {}).get("pid")
+        others = [(pid, cmd) for pid, cmd in holders if pid != reader_pid]
+        if others:
+            pid, cmd = others[0]
+            yield Check("serial holder", False, f"{port} is held by {cmd} (pid {pid})",
+                        "stop it: the gateway's reader must be the only program on the port")
+            yield from self._not_tried("serial reading")
+            return
+        if holders:
+            yield Check("serial holder", True, f"held by the reader (pid {reader_pid}), as it should be")
+            yield from self._line_through_reader()
+            return
+        yield Check("serial holder", True, f"nobody else holds {port}")
+        yield self._line_from_port(port)
+
+    def _line_from_port(self, port: str) -> Check:
+        started = time.monotonic()
+        try:
+            link = serial.Serial(port, self.settings.serial_baud, timeout=0.2, exclusive=True)
+        except (serial.SerialException, OSError) as exc:
+            return Check("serial reading", False, f"cannot open {port}: {exc}",
+                         "is another program using it? (`fuser -v " + port + "`)")
+        buf = bytearray()
+        seen = 0
+        try:
+            while time.monotonic() - started < LINE_WITHIN:
+                buf += link.read(link.in_waiting or 1)
+                while b"\n" in buf:
+                    line, _, rest = bytes(buf).partition(b"\n")
+                    buf = bytearray(rest)
+                    seen += 1
+                    if isinstance(protocol.parse_line(line), protocol.Reading):
+                        return Check("serial reading", True, f"a reading line arrived after "
+                                     f"{time.monotonic() - started:.1f} s")
+        finally:
+            link.close()
+        what = f"{seen} other lines" if seen else "nothing at all"
+        return Check("serial reading", False, f"no reading line within {LINE_WITHIN:.0f} s ({what})",
+                     f"check SERIAL_BAUD ({self.settings.serial_baud}) and that the MASH firmware is "
+                     "flashed; the board prints a reading every few seconds")
+
+    def _line_through_reader(self):
+        """The reader holds the port: a reading must reach the store within the window."""
+        db = self.settings.db_path
+        if not db.exists():
+            yield Check("serial reading", False, "the reader holds the port but no store exists",
+                        "see the reader's log (`journalctl -u mash-reader`)")
+            return
+        store = Store(db)
+        try:
+            first = store.last_reading_id()
+            started = time.monotonic()
+            while time.monotonic() - started < LINE_WITHIN:
+                if store.last_reading_id() > first:
+                    yield Check("serial reading", True, f"the reader stored a reading "
+                                f"{time.monotonic() - started:.1f} s after asking")
+                    return
+                time.sleep(0.2)
+        finally:
+            store.close()
+        yield Check("serial reading", False, f"the reader stored no reading within {LINE_WITHIN:.0f} s",
+                    "see the reader's log (`journalctl -u mash-reader`): bad lines, or a silent board")
+
+    # -- clock -------------------------------------------------------------------------------
+    def clock(self):
+        how = ClockSource(trust=self.settings.clock_sync == "trust").synchronized()
+        if how:
+            yield Check("clock", True, f"synchronized ({how})")
+            return
+        offset = self._backend_offset()
+        if offset is not None and abs(offset) <= CLOCK_TOLERANCE:
+            yield Check("clock", True, f"not NTP-synchronized, but within {abs(offset):.0f} s of the "
+                        "backend's time")
+            return
+        why = (f"not synchronized, and {abs(offset):.0f} s off the backend's time"
+               if offset is not None else "not synchronized (no NTP sync, no backend to compare with)")
+        yield Check("clock", False, why, "`sudo timedatectl set-ntp true` and check the network; "
+                    "readings are held until the clock is right (JWT, TLS and command expiry need it)")
+
+    def _backend_offset(self) -> float | None:
+        """The backend's Date minus our clock, from one unauthenticated request."""
+        s = self.settings
+        if not s.backend_url:
+            return None
+        try:
+            resp = requests.get(s.api_base, timeout=5)      # any answer carries a Date
+            server = email_date(resp.headers.get("Date"))
+        except requests.RequestException:
+            return None
+        return None if server is None else server + 0.5 - time.time()
+
+    # -- store -------------------------------------------------------------------------------
+    def store(self):
+        s = self.settings
+        data_dir = s.data_dir
+        probe_dir = data_dir if data_dir.exists() else data_dir.resolve().parent
+        free_mb = shutil.disk_usage(probe_dir).free / 2**20
+        if free_mb < MIN_FREE_MB:
+            yield Check("store disk", False, f"{free_mb:.0f} MB free on {probe_dir}",
+                        "free space (`mash export` the old readings, lower MAX_DB_MB) or use a bigger card")
+        else:
+            yield Check("store disk", True, f"{free_mb:,.0f} MB free on {probe_dir}")
+        db = s.db_path
+        if not db.exists():
+            yield Check("store integrity", False, f"no store at {db}",
+                        "start the reader (it creates it): `mash run`, or `mash service install`")
+            yield from self._not_tried("store size", "store schema")
+            return
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+            try:
+                result = con.execute("PRAGMA quick_check").fetchone()[0]
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            result, version = f"cannot read: {exc}", None
+        if result == "ok":
+            yield Check("store integrity", True, f"{db}: quick_check ok")
+        else:
+            yield Check("store integrity", False, f"{db}: {result}",
+                        "stop the gateway, copy the file aside, and ask the MASH team; "
+                        "`sqlite3 mash.db .recover` saves what can be saved")
+        size_mb = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 2**20
+        if size_mb > s.max_db_mb:
+            yield Check("store size", False, f"{size_mb:.1f} MB, over MAX_DB_MB={s.max_db_mb}",
+                        "unsynced readings are never deleted: get the backend reachable, or raise MAX_DB_MB")
+        else:
+            yield Check("store size", True, f"{size_mb:.1f} MB of MAX_DB_MB={s.max_db_mb}")
+        if version is None:
+            yield Check("store schema", None, "not read")
+        elif version > SCHEMA_VERSION:
+            yield Check("store schema", False, f"v{version}, newer than this gateway's v{SCHEMA_VERSION}",
+                        "upgrade the gateway (git pull, then the README's install command)")
+        elif version < SCHEMA_VERSION:
+            yield Check("store schema", True, f"v{version}: the reader upgrades it to v{SCHEMA_VERSION} at start")
+        else:
+            yield Check("store schema", True, f"v{version}")
+
+    # -- sinks -------------------------------------------------------------------------------
+    def backend(self):
+        s = self.settings
+        names = ("backend dns", "backend tls", "backend login", "backend device")
+        if not s.backend_enabled:
+            yield Check("backend", None, "off (not configured: BACKEND_URL, DEVICE_EMAIL, DEVICE_PASSWORD)")
+            return
+        url = urlsplit(s.api_base)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            yield Check(names[0], True, f"{host} resolves")
+        except socket.gaierror as exc:
+            yield Check(names[0], False, f"cannot resolve {host}: {exc.strerror}",
+                        "check BACKEND_URL and the network's DNS (`getent hosts " + host + "`)")
+            yield from self._not_tried(*names[1:])
+            return
+        try:
+            with socket.create_connection((host, port), timeout=5) as raw:
+                if url.scheme == "https":
+                    with ssl.create_default_context().wrap_socket(raw, server_hostname=host) as tls:
+                        yield Check(names[1], True, f"{host}:{port}, {tls.version()}, certificate verified")
+                else:
+                    yield Check(names[1], True, f"{host}:{port} reached (plain HTTP: loopback only)")
+        except ssl.SSLError as exc:
+            yield Check(names[1], False, f"TLS with {host}:{port} failed: {exc.reason or exc}",
+                        "check the clock (a stale clock fails every certificate) and the system's CA bundle")
+            yield from self._not_tried(*names[2:])
+            return
+        except OSError as exc:
+            yield Check(names[1], False, f"cannot reach {host}:{port}: {exc.strerror or exc}",
+                        "check the network and BACKEND_URL")
+            yield from self._not_tried(*names[2:])
+            return
+        client = BackendAPIClient(s)
+        try:
+            client.login()
+            yield Check(names[2], True, f"logged in as {s.device_email}")
+            if client.device_registered():
+                yield Check(names[3], True, f"device {s.device_id} is registered")
+            else:
+                yield Check(names[3], False, f"the backend does not know device {s.device_id}",
+                            "start the worker once (it registers the device), or add it in the MASH app")
+        except BackendError as exc:
+            step = names[2] if client.access_token is None else names[3]
+            yield Check(step, False, str(exc)[:200],
+                        "check DEVICE_EMAIL and DEVICE_PASSWORD" if step == names[2] else
+                        "see the backend's answer above")
+            if step == names[2]:
+                yield from self._not_tried(names[3])
+        finally:
+            client.close()
+
+    def mqtt(self):
+        s = self.settings
+        if not s.mqtt_enabled:
+            yield Check("mqtt", None, "off (not configured: MQTT_BROKER)")
+            return
+        fixes = {"tls": "MQTT_CA_CERTS must name the CA that signed the broker's certificate "
+                        "(and the clock must be right)",
+                 "auth": "check MQTT_USERNAME and MQTT_PASSWORD",
+                 "subscribe": f"the broker's ACL must allow devices/{s.device_id}/#"}
+        for step, ok, detail in mqtt_client.probe(s):
+            fix = ""
+            if ok is False:
+                fix = fixes[step]
+                if step == "tls" and detail.startswith("cannot reach"):
+                    fix = "is the broker running? check MQTT_BROKER, MQTT_PORT and the network"
+            yield Check(f"mqtt {step}", ok, detail, fix)
+
+    def firebase(self):
+        s = self.settings
+        if not s.firebase_enabled:
+            yield Check("firebase", None, "off (not configured: FIREBASE_DATABASE_URL)")
+            return
+        path = Path(s.firebase_credentials)
+        try:
+            key = json.loads(path.read_text())
+            if key.get("type") != "service_account":
+                raise ValueError("not a service-account key")
+        except (OSError, ValueError) as exc:
+            yield Check("firebase credentials", False, f"{path}: {exc}",
+                        "download the service-account key from the Firebase console to "
+                        "config/firebase_config.json (or set FIREBASE_CREDENTIALS)")
+            yield from self._not_tried("firebase read")
+            return
+        yield Check("firebase credentials", True, f"{path} ({key.get('client_email', '?')})")
+        fb = FirebaseSync(s)
+        try:
+            if not fb.is_initialized:
+                yield Check("firebase read", False, "firebase-admin could not start with that key",
+                            "install the extra (`.venv/bin/pip install -e '.[firebase]'`) and check the key")
+                return
+            fb.get_config()
+            yield Check("firebase read", True, f"read /devices/{s.device_id}/config")
+        except FirebaseError as exc:
+            yield Check("firebase read", False, str(exc)[:200],
+                        "check FIREBASE_DATABASE_URL, the network and the database rules")
+        finally:
+            fb.close()
+
+    # -- processes ---------------------------------------------------------------------------
+    def _processes(self) -> dict:
+        if self.settings is None or not self.settings.db_path.exists():
+            return {}
+        store = Store(self.settings.db_path)
+        try:
+            return store.processes()
+        finally:
+            store.close()
+
+    def processes(self):
+        s = self.settings
+        if not s.db_path.exists():
+            yield from self._not_tried("reader", "worker", "last reading", "backlog")
+            return
+        procs = self._processes()
+        for name, unit in (("reader", "mash-reader"), ("worker", "mash-worker")):
+            beat = procs.get(name)
+            if beat and beat["alive"]:
+                yield Check(name, True, f"running (pid {beat['pid']}, heartbeat {beat['age_s']:.0f} s ago)")
+            else:
+                when = f"last heartbeat {beat['age_s']:.0f} s ago" if beat else "never started"
+                yield Check(name, False, f"not running ({when})",
+                            f"`sudo systemctl restart {unit}` (or `mash run`); its log: "
+                            f"`journalctl -u {unit}`")
+        store = Store(s.db_path)
+        try:
+            stats = store.get_stats()
+        finally:
+            store.close()
+        last = stats["last_reading"]
+        age = stats_age(last)
+        if last is None:
+            yield Check("last reading", False, "none stored yet", "see the serial checks above")
+        elif age > READING_FRESH:
+            yield Check("last reading", False, f"{last}, {age:.0f} s ago", "see the serial checks above")
+        else:
+            yield Check("last reading", True, f"{age:.0f} s ago")
+        pending, oldest = stats["pending_records"], stats["oldest_pending_age_s"]
+        limit = max(600.0, 3 * s.sync_interval)
+        detail = f"{pending} readings pending" + (f", oldest {oldest:.0f} s" if pending else "")
+        if stats["clock_held_readings"]:
+            detail += f", {stats['clock_held_readings']} held for the clock"
+        if s.backend_enabled and pending and oldest > limit:
+            yield Check("backlog", False, detail, "see the backend checks above; `mash sync --wait` "
+                        "shows the drain")
+        else:
+            yield Check("backlog", True, detail)
+
+    @staticmethod
+    def _not_tried(*names):
+        for name in names:
+            yield Check(name, None, "not tried (see above)")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def port_holders(port: str) -> list[tuple[int, str]]:
+    """Processes with ``port`` open, as ``(pid, command)``. For a pseudo-terminal, the process
+    holding its other end (a simulated board) is the board itself, not a holder."""
+    target = os.path.realpath(port)
+    board_side: set[int] = set()
+    index = target.rsplit("/", 1)[-1] if target.startswith("/dev/pts/") else None
+    found = {}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                link = os.readlink(fd)
+                if link == target:
+                    found[int(pid_dir.name)] = _command(pid_dir)
+                elif index is not None and link == "/dev/ptmx":
+                    info = (pid_dir / "fdinfo" / fd.name).read_text()
+                    if f"tty-index:\t{index}\n" in info:
+                        board_side.add(int(pid_dir.name))
+        except OSError:
+            continue
+    return [(pid, cmd) for pid, cmd in sorted(found.items()) if pid not in board_side]
+
+
+def _command(pid_dir: Path) -> str:
+    try:
+        return (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except OSError:
+        return "?"
+
+
+def email_date(value: str | None) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def stats_age(iso_ts: str | None) -> float:
+    if not iso_ts:
+        return float("inf")
+    return (utcnow() - parse_iso(iso_ts)).total_seconds()
+
+
+def main(as_json: bool = False, out=sys.stdout) -> int:
+    started = time.monotonic()
+    checks = []
+    for check in Doctor().run():
+        checks.append(check)
+        if not as_json:
+            print(check.line(), file=out, flush=True)
+    failed = [c for c in checks if c.ok is False]
+    took = time.monotonic() - started
+    if as_json:
+        print(json.dumps({"ok": not failed, "seconds": round(took, 2),
+                          "checks": [asdict(c) for c in checks]}, indent=2), file=out)
+    else:
+        print(f"{len(checks) - len(failed)} of {len(checks)} checks passed or off, "
+              f"{len(failed)} failed ({took:.1f} s)" if failed else
+              f"all {len(checks)} checks passed ({took:.1f} s)", file=out)
+    return 1 if failed else 0
