@@ -458,6 +458,69 @@ def bench_control(quick: bool):
     record("control: relay switches per simulated hour", switches / hours, "switches")
 
 
+def _peak_rss_run(args, env, cwd) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command run as its own process."""
+    probe = ("import resource, subprocess, sys, time; t = time.monotonic(); "
+             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+             "print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *args], env=env, cwd=cwd,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1]) / 1024
+
+
+def bench_export(quick: bool):
+    """``mash export`` of a million rows (30 days of two rooms at 5 s): rows/s and peak RSS,
+    against an export of a tenth of them."""
+    from mash.models import Store
+    s = Scratch()
+    try:
+        data = s.dir / "data"
+        store = Store(data / "mash.db")
+        lines = 50_000 if quick else 500_000
+        add_backlog(store, lines)
+        env = dict(os.environ, MASH_DATA_DIR=str(data))
+        cmd = [sys.executable, "-m", "mash", "export", "-o", str(s.dir / "out.csv")]
+        small_to = (dt.datetime.utcnow() - dt.timedelta(days=30) +
+                    dt.timedelta(seconds=5 * lines // 10)).isoformat()
+        t_small, rss_small = _peak_rss_run(cmd + ["--to", small_to], env, s.dir)
+        runs = [_peak_rss_run(cmd, env, s.dir) for _ in range(3)]
+        t_all = statistics.median(r[0] for r in runs)
+        rss_all = max(r[1] for r in runs)
+        rows = 2 * lines
+        record(f"export {rows:,} rows, CSV to a file", rows / t_all, "rows/s")
+        record(f"export peak RSS, {rows:,} rows", rss_all, "MB")
+        record(f"export peak RSS, {rows // 10:,} rows", rss_small, "MB")
+        jl = [_peak_rss_run(cmd + ["--format", "jsonl"], env, s.dir)[0] for _ in range(3)]
+        record(f"export {rows:,} rows, JSON lines", rows / statistics.median(jl), "rows/s")
+    finally:
+        s.close()
+
+
+def bench_doctor(quick: bool):
+    """``mash doctor`` on a healthy stack (every part configured and up): its run time."""
+    s = Scratch()
+    try:
+        board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
+        env = dict(env, HEARTBEAT_INTERVAL="5")
+        stop(worker)
+        worker = spawn("worker.py", env, s.dir / "worker2.log", s)
+        from mash.models import Store
+        wait_for(lambda: (s.dir / "data" / "mash.db").exists(), timeout=30)
+        store = Store(s.dir / "data" / "mash.db")
+        wait_for(lambda: store.get_stats()["total_synced"] > 0, timeout=60, interval=0.5)
+        times, oks = [], []
+        for _ in range(3 if quick else 7):
+            out = subprocess.run([sys.executable, "-m", "mash", "doctor", "--json"], env=env,
+                                 cwd=str(s.dir), capture_output=True, text=True, timeout=120)
+            report = json.loads(out.stdout)
+            times.append(report["seconds"])
+            oks.append(report["ok"])
+        record("mash doctor, healthy stack (median)", statistics.median(times), "s")
+        record("mash doctor runs with every check passed", sum(oks), f"of {len(oks)}")
+    finally:
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -471,6 +534,8 @@ BENCHES = {
     "resources_control": lambda q: bench_resources(q, control=True),
     "sd_steps": bench_sd_steps,
     "control": bench_control,
+    "export": bench_export,
+    "doctor": bench_doctor,
 }
 
 
