@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from mash import devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
+from mash import dashboard, devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
 from mash.config import ConfigError, Settings
 from mash.contract import ROOMS
 from mash.control import effective_modes
+from mash.dashboard import auth as dashboard_auth
 from mash.logs import setup_logging
 from mash.models import Store
 
@@ -169,6 +171,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    settings = Settings.load()
+    setup_logging(settings.log_level)
+    if args.action == "set-password":
+        return set_dashboard_password(Store(settings.db_path))
+    return dashboard.serve(settings)
+
+
+def set_dashboard_password(store: Store, stdin=sys.stdin, out=sys.stderr) -> int:
+    """Read the new password twice: from the terminal (not echoed), or two lines of stdin."""
+    if stdin.isatty():
+        first, second = getpass.getpass("New dashboard password: "), getpass.getpass("Again: ")
+    else:
+        first, second = stdin.readline().rstrip("\n"), stdin.readline().rstrip("\n")
+    if first != second:
+        print("the two passwords differ: nothing changed", file=out)
+        return 2
+    try:
+        dashboard_auth.set_password(store, first)
+    except dashboard_auth.PasswordError as exc:
+        print(f"{exc}: nothing changed", file=out)
+        return 2
+    print("dashboard password set (stored as a salted scrypt hash)", file=out)
+    return 0
+
+
 def cmd_doctor(args) -> int:
     return doctor.main(as_json=args.json)
 
@@ -232,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=export.FORMATS, default="csv")
     s.add_argument("-o", "--output", help="file to write (default: standard output)")
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("dashboard", help="the grower's page (DASHBOARD_HOST:DASHBOARD_PORT)")
+    s.add_argument("action", nargs="?", choices=("serve", "set-password"), default="serve")
+    s.set_defaults(func=cmd_dashboard)
     s = sub.add_parser("doctor", help="check every part, in order, each with its fix")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)

@@ -26,7 +26,7 @@ STANDARD_BAUDS = (300, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if not host:
         return False
     if host == "localhost":
@@ -114,6 +114,8 @@ class Settings:
     control_rules: dict = field(default_factory=dict)
     log_level: str = "INFO"
     clock_sync: str = "auto"
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8080
     config_pull_interval: int = 600
 
     # -- derived -------------------------------------------------------------------------
@@ -198,7 +200,7 @@ class Settings:
             parts = urlsplit(backend_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("BACKEND_URL", "must be an https:// URL", backend_url)
-            if parts.scheme == "http" and not (_is_loopback(parts.hostname) or insecure):
+            if parts.scheme == "http" and not (is_loopback(parts.hostname) or insecure):
                 raise ConfigError("BACKEND_URL", "plain http is refused except on a loopback host "
                                                  "or with BACKEND_ALLOW_INSECURE=1", backend_url)
         timeout = text("BACKEND_TIMEOUT")
@@ -293,5 +295,7 @@ class Settings:
             control_rules=control_rules,
             log_level=level,
             clock_sync=clock_sync,
+            dashboard_host=text("DASHBOARD_HOST", "127.0.0.1"),
+            dashboard_port=integer("DASHBOARD_PORT", 8080, 0, 65535),
             config_pull_interval=integer("CONFIG_PULL_INTERVAL", 600, 10, 86400),
         )

@@ -1,5 +1,5 @@
-"""``mash service install`` / ``uninstall``: systemd units for the reader and the worker (and
-the dashboard), pointing at this virtual environment, this checkout and its data directory.
+"""``mash service install`` / ``uninstall``: systemd units for the reader, the worker and the
+dashboard, pointing at this virtual environment, this checkout and its data directory.
 
 The units run ``<this python> -m mash <service>`` as the given user, restart on failure, stop
 on SIGTERM (each service finishes what it is doing), and share the queue in
@@ -43,6 +43,8 @@ UNITS = [
          "reader", serial=True),
     Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "worker",
          after="network-online.target", wants="network-online.target", stop_timeout=25),
+    Unit("mash-dashboard", "MASH gateway dashboard (the grower's page)", "dashboard",
+         stop_timeout=10),
 ]
 
 

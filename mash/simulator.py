@@ -63,6 +63,7 @@ class SimulatedBoard:
         self.refuse_next: str | None = None      # answer the next command with this line
         self.mute_next = 0                       # swallow this many commands without a reply
         self.reply_delay = 0.0                   # s the loop blocks before a [CMD] reply (I2C)
+        self.paused = False                      # no readings while set (commands still answered)
         self._values = {"fruiting": [24.0, 85.0, 800.0], "spawning": [28.0, 72.0, 3000.0]}
         self._lock = threading.Lock()            # guards the fds
         self._write_lock = threading.Lock()      # one line at a time, like the firmware's loop
@@ -226,6 +227,15 @@ class SimulatedBoard:
                 out[room] = {"temp": round(t, 1), "humidity": round(h, 1), "co2": int(c)}
         return out
 
+    def set_values(self, room: str, temp: float | None = None, humidity: float | None = None,
+                   co2: float | None = None) -> None:
+        """What the room's sensor reads from now on (without a chamber): a test turns the
+        CO2 up, say."""
+        values = self._values[room]
+        for i, v in enumerate((temp, humidity, co2)):
+            if v is not None:
+                values[i] = float(v)
+
     def emit_reading(self, rooms: dict | None = None) -> None:
         self._write(encode_reading(rooms if rooms is not None else self._reading()))
         self.sent_readings += 1
@@ -332,7 +342,7 @@ class SimulatedBoard:
                     self._handle(line)
                 buf = buf[-256:]        # the firmware's buffer is small; noise is dropped
             now = time.monotonic()
-            if self.interval > 0 and now >= next_reading:
+            if self.interval > 0 and not self.paused and now >= next_reading:
                 self.emit_reading()
                 next_reading = now + self.interval
             if (not self._watchdog_tripped and self.watchdog_after

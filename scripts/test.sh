@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
+# the dashboard's browser tests: Debian's Chromium and its driver (nothing downloads a browser)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

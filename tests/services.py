@@ -457,3 +457,55 @@ class Gateway:
     def logs(self) -> str:
         self.log.flush()
         return (self.dir / "gateway.log").read_text(errors="replace")
+
+
+# -- the dashboard and a browser ---------------------------------------------------------------
+class Dashboard:
+    """``mash dashboard`` as a subprocess on a free loopback port."""
+
+    def __init__(self, directory: Path, env: dict):
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {**env, "DASHBOARD_HOST": "127.0.0.1", "DASHBOARD_PORT": str(self.port),
+                    "PYTHONPATH": str(ROOT)}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def mash(self, *args, input=None, timeout=60):
+        return subprocess.run([sys.executable, "-m", "mash", *args], env=self.env, cwd=str(self.dir),
+                              capture_output=True, text=True, input=input, timeout=timeout)
+
+    def start(self) -> "Dashboard":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.dir / "dashboard.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mash", "dashboard"], env=self.env,
+                                     cwd=str(self.dir), stdout=self.log, stderr=self.log)
+        wait_port(self.port, timeout=20)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10)
+        if self.proc is not None:
+            self.log.close()
+
+    def logs(self) -> str:
+        return (self.dir / "dashboard.log").read_text(errors="replace")
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def browser(profile: Path):
+    """Debian's Chromium, headless, driven by selenium through Debian's chromedriver (nothing
+    is downloaded), with the flags that keep it off the network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                "--window-size=1280,2400"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

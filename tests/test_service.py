@@ -24,6 +24,8 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
                      env={"MASH_DATA_DIR": str(data)})
     assert result.returncode == 0, result.stdout + result.stderr
     reader, worker = unit_dir / "mash-reader.service", unit_dir / "mash-worker.service"
+    dashboard = unit_dir / "mash-dashboard.service"
+    assert f"ExecStart={sys.executable} -m mash dashboard" in dashboard.read_text()
     text = reader.read_text()
     assert f"ExecStart={sys.executable} -m mash reader" in text
     assert f"Environment=MASH_DATA_DIR={data}" in text
@@ -31,7 +33,7 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text
     w = worker.read_text()
     assert "After=network-online.target" in w and "Wants=network-online.target" in w
-    checked = verify(reader, worker)
+    checked = verify(reader, worker, dashboard)
     assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
 
     # the check can fail: a unit whose program is missing does not verify
@@ -40,7 +42,7 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     assert verify(broken).returncode != 0
 
     assert run_cli("service", "uninstall", "--unit-dir", str(unit_dir), "--no-start").returncode == 0
-    assert not reader.exists() and not worker.exists()
+    assert not reader.exists() and not worker.exists() and not dashboard.exists()
 
 
 def test_dry_run_prints_the_units_and_changes_nothing(run_cli, tmp_path):

@@ -69,6 +69,7 @@ class Backend:
         self.lock = threading.RLock()
         self.hits: dict = defaultdict(deque)
         self.requests = 0
+        self.foreign_acks: deque = deque(maxlen=1000)
         self.history: deque = deque(maxlen=20000)   # (t, client, status, retry_after, path, arrived)
         for email, password in users:
             if not User.select().where(User.email == email).exists():
@@ -265,6 +266,11 @@ class Backend:
         cmd = DevCommand.get_or_none((DevCommand.command_id == command_id) &
                                      (DevCommand.device == serial))
         if cmd is None:
+            # an outcome of a command this backend never issued (the gateway's own, from its
+            # dashboard or its climate control): answered 404 as the real backend does, and
+            # kept so a test can see it arrived
+            self.foreign_acks.append({"id": command_id, "status": body["status"],
+                                      "response": body.get("response")})
             raise HTTPError(404, f"Command {command_id} not found")
         DevCommand.update(status=body["status"], response=json.dumps(body.get("response", {})),
                           acknowledged_at=body["acknowledgedAt"],
@@ -325,6 +331,7 @@ class Backend:
                         "data": json.loads(a.data)} for a in DevAlert.select()],
             "requests": self.requests,
             "history": list(self.history),
+            "foreign_acks": list(self.foreign_acks),
             "faults": self.faults.as_dict(),
         }
 

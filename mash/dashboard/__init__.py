@@ -1,0 +1,245 @@
+"""``mash dashboard``: the grower's page, a third process over the same store.
+
+Flask for the routes and templates (Jinja escapes everything it renders), served by waitress
+(pure Python, threads, no compiler: it runs on a Pi as it is). It reads the store and writes
+only through the paths the other processes use (``actions``). Loopback-only unless a
+password is set; a session cookie (HttpOnly, SameSite=Strict) and a CSRF token guard every
+POST; ten wrong passwords in a minute lock the login out for the rest of that minute.
+
+    mash dashboard                      # http://127.0.0.1:8080
+    mash dashboard set-password         # needed for DASHBOARD_HOST other than loopback
+"""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hmac
+import logging
+import signal
+import threading
+import time
+
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request, session, url_for
+from waitress.server import create_server
+
+from mash.clock import utcnow
+from mash.config import ConfigError, Settings, is_loopback
+from mash.contract import ACTUATORS, ROOMS
+from mash.dashboard import actions, auth, charts, data
+from mash.models import Store
+
+log = logging.getLogger("mash.dashboard")
+
+NAMES = {"MIST_MAKER": "Mist maker", "HUMIDIFIER_FAN": "Humidifier fan",
+         "FRUITING_EXHAUST_FAN": "Fruiting exhaust fan", "FRUITING_INTAKE_FAN": "Fruiting intake fan",
+         "SPAWNING_EXHAUST_FAN": "Spawning exhaust fan", "DEVICE_EXHAUST_FAN": "Device exhaust fan",
+         "FRUITING_LED": "Fruiting LED"}
+STATE_CACHE_S = 1.0         # /api/state is computed at most once a second, and only on change
+DRAIN_WINDOW_S = 10.0
+
+
+class Drain:
+    """The drain's progress from the backlog's recent history: readings/s and ETA."""
+
+    def __init__(self):
+        self.samples: collections.deque = collections.deque(maxlen=120)
+
+    def add(self, pending: int) -> dict:
+        now = time.monotonic()
+        self.samples.append((now, pending))
+        old = [(t, p) for t, p in self.samples if now - t <= DRAIN_WINDOW_S]
+        t0, p0 = old[0]
+        rate = (p0 - pending) / (now - t0) if now - t0 >= 1.0 and p0 > pending else 0.0
+        return {"running": rate > 0 and pending > 0, "rate": round(rate, 1),
+                "eta_s": round(pending / rate) if rate > 0 else None}
+
+
+def create_app(settings: Settings, store: Store | None = None) -> Flask:
+    store = store or Store(settings.db_path)
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY=auth.session_secret(store), SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_NAME="mash_session",
+                      PERMANENT_SESSION_LIFETIME=dt.timedelta(days=7), JSON_SORT_KEYS=False)
+    limiter = auth.LoginLimiter()
+    drain = Drain()
+    cache = {"at": 0.0, "version": None, "body": None}
+    cache_lock = threading.Lock()
+
+    def client() -> str:
+        return request.remote_addr or "?"
+
+    def csrf_token() -> str:
+        if "csrf" not in session:
+            session["csrf"] = auth.new_csrf_token()
+        return session["csrf"]
+
+    def logged_in() -> bool:
+        if session.get("auth"):
+            return True
+        if not auth.has_password(store):        # loopback only (checked at start): no door
+            session["auth"] = True
+            return True
+        return False
+
+    def csrf_ok() -> bool:
+        sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
+        expected = session.get("csrf") or ""
+        return bool(expected) and hmac.compare_digest(sent, expected)
+
+    def guarded_post():
+        """403 without a session or without the CSRF token; the JSON body otherwise."""
+        if not session.get("auth") and not logged_in():
+            abort(Response('{"error":"log in first"}', 403, mimetype="application/json"))
+        if not csrf_ok():
+            abort(Response('{"error":"missing or wrong CSRF token: reload the page"}', 403,
+                           mimetype="application/json"))
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(Response('{"error":"send a JSON object"}', 400, mimetype="application/json"))
+        return body
+
+    @app.after_request
+    def headers(resp):
+        resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self'; "
+                                                   "style-src 'self'; script-src 'self'; "
+                                                   "frame-ancestors 'none'; form-action 'self'")
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "same-origin"
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.errorhandler(actions.ActionError)
+    def bad_input(exc):
+        return jsonify(error=str(exc)), 400
+
+    # -- pages -------------------------------------------------------------------------------
+    @app.get("/login")
+    def login_page():
+        if logged_in():
+            return redirect(url_for("index"))
+        return render_template("login.html", csrf=csrf_token(), error=None)
+
+    @app.post("/login")
+    def login():
+        wait = limiter.wait_for(client())
+        if wait > 0:
+            time.sleep(auth.LoginLimiter.DELAY)
+            return render_template("login.html", csrf=csrf_token(),
+                                   error=f"Too many wrong passwords: try again in {wait:.0f} s."), 429
+        if not csrf_ok():
+            return render_template("login.html", csrf=csrf_token(),
+                                   error="The form expired: try again."), 403
+        if not auth.check_password(store, request.form.get("password", "")):
+            limiter.failed(client())
+            log.warning("dashboard: wrong password from %s", client())
+            return render_template("login.html", csrf=csrf_token(), error="Wrong password."), 401
+        limiter.succeeded(client())
+        session.clear()
+        session.permanent = True
+        session["auth"] = True
+        session["csrf"] = auth.new_csrf_token()
+        log.info("dashboard: logged in from %s", client())
+        return redirect(url_for("index"))
+
+    @app.post("/logout")
+    def logout():
+        if csrf_ok():
+            session.clear()
+        return redirect(url_for("login_page"))
+
+    @app.get("/")
+    def index():
+        if not logged_in():
+            return redirect(url_for("login_page"))
+        return render_template("index.html", csrf=csrf_token(), device=settings.device_id,
+                               rooms=ROOMS, actuators=[(a, NAMES.get(a, a)) for a in ACTUATORS],
+                               metrics=data.METRICS, password=auth.has_password(store))
+
+    # -- data --------------------------------------------------------------------------------
+    @app.get("/api/state")
+    def state():
+        if not logged_in():
+            return jsonify(error="log in first"), 403
+        with cache_lock:
+            version = store.data_version()
+            now = time.monotonic()
+            if cache["body"] is None or (version != cache["version"] and
+                                         now - cache["at"] >= STATE_CACHE_S) or now - cache["at"] >= 5:
+                snap = data.snapshot(settings, store)
+                snap["cloud"]["drain"] = drain.add(snap["cloud"]["pending"])
+                cache.update(at=now, version=version, body=snap)
+            return jsonify(cache["body"])
+
+    @app.get("/chart/<room>/<metric>.svg")
+    def chart(room, metric):
+        if not logged_in():
+            return Response("log in first", 403)
+        if room not in ROOMS or metric not in data.METRICS:
+            return Response("no such chart", 404)
+        days = 7 if request.args.get("days") == "7" else 1
+        end = utcnow()
+        points = data.series(store, room, days * 24, end)
+        label, unit, low_key, high_key = data.METRICS[metric]
+        limits = data.thresholds(settings, store).get(room, {})
+        body = charts.svg(points, metric, label, unit, limits.get(low_key) if low_key else None,
+                          limits.get(high_key) if high_key else None,
+                          end - dt.timedelta(days=days), end,
+                          f"{room} {label.lower()}, last {'7 days' if days == 7 else '24 h'}")
+        return Response(body, mimetype="image/svg+xml")
+
+    # -- controls ----------------------------------------------------------------------------
+    @app.post("/api/sync")
+    def sync():
+        guarded_post()
+        pending = actions.sync_now(store)
+        log.info("dashboard: sync now (%d pending)", pending)
+        return jsonify(enqueued=True, pending=pending)
+
+    @app.post("/api/actuator")
+    def actuator():
+        body = guarded_post()
+        command_id = actions.switch(store, body.get("actuator"), body.get("state"))
+        log.info("dashboard: %s %s (%s)", body.get("actuator"), body.get("state"), command_id)
+        return jsonify(id=command_id, status="queued")
+
+    @app.post("/api/thresholds")
+    def thresholds():
+        body = guarded_post()
+        command_id, merged = actions.configure(store, {"thresholds": body.get("thresholds")})
+        log.info("dashboard: alert limits changed (%s)", command_id)
+        return jsonify(id=command_id, thresholds=data.thresholds(settings, store))
+
+    @app.post("/api/mode")
+    def mode():
+        body = guarded_post()
+        command_id = actions.set_mode(store, body.get("room"), body.get("mode"))
+        log.info("dashboard: %s set to %s (%s)", body.get("room"), body.get("mode"), command_id)
+        return jsonify(id=command_id)
+
+    return app
+
+
+def check_exposure(settings: Settings, store: Store) -> None:
+    """Refuse any address but loopback until a password is set."""
+    if not is_loopback(settings.dashboard_host) and not auth.has_password(store):
+        raise ConfigError("DASHBOARD_HOST", "listening beyond this machine needs a password: "
+                                            "run `mash dashboard set-password` first",
+                          settings.dashboard_host)
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or Ctrl-C."""
+    store = Store(settings.db_path)
+    check_exposure(settings, store)
+    app = create_app(settings, store)
+    server = create_server(app, host=settings.dashboard_host, port=settings.dashboard_port,
+                           threads=4, ident="mash", clear_untrusted_proxy_headers=True)
+    stop = lambda *_: server.close()               # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    log.info("dashboard on http://%s:%s", settings.dashboard_host, server.effective_port)
+    try:
+        server.run()
+    except (KeyboardInterrupt, OSError, ValueError):
+        pass                                         # closed by the signal handler
+    log.info("dashboard stopped")
+    return 0

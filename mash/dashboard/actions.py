@@ -1,0 +1,64 @@
+"""What the grower can do from the page, each through the path the other processes use: a
+relay switch goes into the command ledger (source ``local``) for the reader to write and the
+worker to acknowledge to both sinks; limits and room modes are a ``CONFIGURE`` (the same
+validation and merge as the command, recorded in the ledger and acknowledged the same way);
+"Sync now" is the queue's forced sync, as ``mash sync``."""
+from __future__ import annotations
+
+import json
+import secrets
+
+from mash import protocol, tasks
+from mash.commands import Rejected, merge_configuration, validate_configuration
+from mash.contract import ROOM_MODES, ROOMS
+from mash.models import COMPLETED, Store
+
+
+class ActionError(ValueError):
+    """Bad input from the page: a 400 with this message."""
+
+
+def _command_id() -> str:
+    return f"local-{secrets.token_hex(6)}"
+
+
+def switch(store: Store, actuator, state) -> str:
+    """Queue ``set_actuator`` for the reader; returns the command id."""
+    try:
+        line = protocol.encode_command(actuator, state)
+    except ValueError as exc:
+        raise ActionError(str(exc)) from None
+    command_id = _command_id()
+    store.add_command(command_id, "set_actuator", json.loads(line), "local")
+    return command_id
+
+
+def configure(store: Store, params) -> tuple[str, dict]:
+    """Apply a CONFIGURE from the page; returns ``(command id, configuration now)``."""
+    if not isinstance(params, dict) or not params:
+        raise ActionError("nothing to change")
+    try:
+        validate_configuration(params)
+    except Rejected as exc:
+        raise ActionError(str(exc).removeprefix("malformed: ")) from None
+    command_id = _command_id()
+    with store.transaction():
+        merged = merge_configuration(store.meta_get("configuration", {}), params)
+        store.meta_set("configuration", merged)
+        store.add_command(command_id, "CONFIGURE", params, "local", status=COMPLETED,
+                          response={"configuration": merged})
+    return command_id, merged
+
+
+def set_mode(store: Store, room, mode) -> str:
+    if room not in ROOMS or mode not in ROOM_MODES:
+        raise ActionError(f"room must be one of {', '.join(ROOMS)} and mode one of "
+                          f"{', '.join(ROOM_MODES)}")
+    return configure(store, {"mode": {room: mode}})[0]
+
+
+def sync_now(store: Store) -> int:
+    """Enqueue the forced sync; returns how many readings were pending."""
+    pending = store.pending_count()
+    tasks.force_sync()
+    return pending
