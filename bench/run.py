@@ -521,6 +521,95 @@ def bench_doctor(quick: bool):
         s.close()
 
 
+def bench_dashboard(quick: bool):
+    """The dashboard over 30 days of readings (~1 million rows): the page and its data in
+    Chromium (p95 of 20 loads), the chart endpoint, RSS, idle CPU with a page open, and how
+    soon a stored reading shows on the open page."""
+    from mash.alerts import AlertEvent
+    from mash.models import Store
+    from tests.services import Dashboard, browser
+    s = Scratch()
+    driver = None
+    stop_writer = threading.Event()
+    try:
+        data = s.dir / "data"
+        store = Store(data / "mash.db")
+        lines = 50_000 if quick else 518_400               # 30 days at a line per 5 s
+        add_backlog(store, lines)
+        store.mark_synced(list(range(1, 2 * lines - 200)))
+        store.add_alerts([AlertEvent("high_co2", "CRITICAL", "fruiting", 1600.0, 1500.0,
+                                     "raised" if i % 2 == 0 else "cleared", f"co2 event {i}")
+                          for i in range(200)])
+        rows = store.m.SensorData.select().count()
+        record("dashboard bench store", rows, "readings")
+        dash = Dashboard(s.dir / "dash", dict(os.environ, MASH_DATA_DIR=str(data)))
+        dash.start()
+        s.stoppers.append(dash.stop)
+        def writer():                                       # the reader's pace, a line per 5 s
+            w = Store(data / "mash.db")
+            while not stop_writer.wait(5.0):
+                with w.transaction():
+                    w.save_sensor_data({"fruiting": {"temp": 24.0, "humidity": 88.0, "co2": 700},
+                                        "spawning": {"temp": 27.0, "humidity": 70.0, "co2": 3000}})
+        threading.Thread(target=writer, daemon=True).start()
+        import requests
+        for days in (1, 7):
+            times = []
+            for _ in range(20):
+                t = time.perf_counter()
+                r = requests.get(f"{dash.url}/chart/fruiting/humidity.svg?days={days}", timeout=30)
+                times.append(time.perf_counter() - t)
+                assert r.status_code == 200
+            record(f"chart endpoint, {days * 24} h, p95 of 20", pct(times, 95) * 1000, "ms",
+                   "<= 200 ms", pct(times, 95) <= 0.2)
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            requests.get(dash.url + "/api/state", timeout=30)
+            times.append(time.perf_counter() - t)
+        record("/api/state, p95 of 20", pct(times, 95) * 1000, "ms")
+        driver = browser(s.dir / "profile")
+        loads = []
+        for i in range(20):
+            driver.get("about:blank")
+            t = time.perf_counter()
+            driver.get(dash.url + "/")
+            wait_for(lambda: driver.execute_script(
+                "return document.getElementById('pending').textContent !== '–' && "
+                "Array.from(document.querySelectorAll('img[data-chart]'))"
+                ".every(i => i.complete && i.naturalWidth > 0)"), timeout=30, interval=0.01)
+            loads.append(time.perf_counter() - t)
+        record("page and its data in Chromium (6 charts, state), p95 of 20", pct(loads, 95) * 1000,
+               "ms", "<= 1000 ms", pct(loads, 95) <= 1.0)
+        record("page and its data in Chromium, median", statistics.median(loads) * 1000, "ms")
+        # a reading stored -> shown on the open page
+        lat = []
+        for i in range(10):
+            with store.transaction():
+                store.save_sensor_data({"fruiting": {"temp": 24.0, "humidity": 88.0, "co2": 2000 + i},
+                                        "spawning": {"temp": 27.0, "humidity": 70.0, "co2": 3000}})
+            t = time.perf_counter()
+            wait_for(lambda: driver.execute_script(
+                "return document.querySelector('[data-room=fruiting] [data-field=co2]').textContent")
+                == str(2000 + i), timeout=10, interval=0.01)
+            lat.append(time.perf_counter() - t)
+            time.sleep(1.3)
+        record("reading stored -> shown on the open page, median", statistics.median(lat) * 1000, "ms",
+               "<= 2000 ms", max(lat) <= 2.0)
+        record("reading stored -> shown on the open page, max of 10", max(lat) * 1000, "ms")
+        cpu0, t0 = cpu_seconds(dash.proc.pid), time.monotonic()
+        time.sleep(30 if quick else 60)
+        cpu = (cpu_seconds(dash.proc.pid) - cpu0) / (time.monotonic() - t0) * 100
+        record("dashboard CPU, a page open, a line per 5 s", cpu, "% of a core", "<= 1 %", cpu <= 1.0)
+        rss = rss_mb(dash.proc.pid)
+        record("dashboard RSS after the runs above", rss, "MB", "<= 60 MB", rss <= 60)
+    finally:
+        stop_writer.set()
+        if driver is not None:
+            driver.quit()
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -536,6 +625,7 @@ BENCHES = {
     "control": bench_control,
     "export": bench_export,
     "doctor": bench_doctor,
+    "dashboard": bench_dashboard,
 }
 
 

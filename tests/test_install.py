@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import ROOT
+import requests
+
+from tests.services import ROOT, free_port, wait_port
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
@@ -74,6 +76,7 @@ def test_readme_install_runs_with_debians_system_python(tmp_path):
                         "MASH_QUEUE_DIR")}
     env["PATH"] = "/usr/bin:/bin:" + env.get("PATH", "")
     env["MASH_QUEUE_DIR"] = str(tmp_path / "queue")        # not the machine's shared RAM dir
+    env["DASHBOARD_PORT"] = str(port := free_port())        # 8080 may be taken on this machine
     log = open(tmp_path / "install.log", "wb")
     proc = subprocess.Popen(["bash", "-c", readme_command(0)], cwd=clone, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,6 +86,10 @@ def test_readme_install_runs_with_debians_system_python(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None and readings(db) < 2:
             time.sleep(1)
         assert readings(db) >= 2, (tmp_path / "install.log").read_text()[-3000:]
+        # and the dashboard it started shows them
+        wait_port(port, timeout=30)
+        state = requests.get(f"http://127.0.0.1:{port}/api/state", timeout=10).json()
+        assert state["rooms"]["fruiting"]["humidity"] > 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)

@@ -34,7 +34,7 @@ NAMES = {"MIST_MAKER": "Mist maker", "HUMIDIFIER_FAN": "Humidifier fan",
          "FRUITING_EXHAUST_FAN": "Fruiting exhaust fan", "FRUITING_INTAKE_FAN": "Fruiting intake fan",
          "SPAWNING_EXHAUST_FAN": "Spawning exhaust fan", "DEVICE_EXHAUST_FAN": "Device exhaust fan",
          "FRUITING_LED": "Fruiting LED"}
-STATE_CACHE_S = 1.0         # /api/state is computed at most once a second, and only on change
+STATE_CACHE_S = 0.5         # /api/state is recomputed at most twice a second, and only on change
 DRAIN_WINDOW_S = 10.0
 
 
