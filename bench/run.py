@@ -501,7 +501,7 @@ def bench_doctor(quick: bool):
     s = Scratch()
     try:
         board, server, broker, rtdb, reader, worker, env = _gateway(s, interval=5.0)
-        env = dict(env, HEARTBEAT_INTERVAL="5")
+        env = dict(env, HEARTBEAT_INTERVAL="5", SYNC_INTERVAL="5")
         stop(worker)
         worker = spawn("worker.py", env, s.dir / "worker2.log", s)
         from mash.models import Store
@@ -530,13 +530,16 @@ def bench_dashboard(quick: bool):
     from tests.services import Dashboard, browser
     s = Scratch()
     driver = None
-    stop_writer = threading.Event()
+    stop_writer, quiet = threading.Event(), threading.Event()
     try:
         data = s.dir / "data"
         store = Store(data / "mash.db")
         lines = 50_000 if quick else 518_400               # 30 days at a line per 5 s
         add_backlog(store, lines)
-        store.mark_synced(list(range(1, 2 * lines - 200)))
+        S = store.m.SensorData
+        with store.transaction():                           # all but the last 200 synced
+            S.update(synced=1, synced_at=dt.datetime.utcnow()).where(S.id < 2 * lines - 200).execute()
+            store._upsert_sink("backend", progress=2 * lines - 201)
         store.add_alerts([AlertEvent("high_co2", "CRITICAL", "fruiting", 1600.0, 1500.0,
                                      "raised" if i % 2 == 0 else "cleared", f"co2 event {i}")
                           for i in range(200)])
@@ -548,11 +551,22 @@ def bench_dashboard(quick: bool):
         def writer():                                       # the reader's pace, a line per 5 s
             w = Store(data / "mash.db")
             while not stop_writer.wait(5.0):
+                if quiet.is_set():
+                    continue
                 with w.transaction():
                     w.save_sensor_data({"fruiting": {"temp": 24.0, "humidity": 88.0, "co2": 700},
                                         "spawning": {"temp": 27.0, "humidity": 70.0, "co2": 3000}})
         threading.Thread(target=writer, daemon=True).start()
         import requests
+        from mash.dashboard import data as dash_data
+        for days in (1, 7):                                 # the aggregate a chart miss costs
+            times = []
+            for _ in range(20):
+                t = time.perf_counter()
+                dash_data.series(store, "fruiting", days * 24.0)
+                times.append(time.perf_counter() - t)
+            record(f"chart series, {days * 24} h, computed (cache miss), p95 of 20",
+                   pct(times, 95) * 1000, "ms", "<= 200 ms", pct(times, 95) <= 0.2)
         for days in (1, 7):
             times = []
             for _ in range(20):
@@ -560,8 +574,8 @@ def bench_dashboard(quick: bool):
                 r = requests.get(f"{dash.url}/chart/fruiting/humidity.svg?days={days}", timeout=30)
                 times.append(time.perf_counter() - t)
                 assert r.status_code == 200
-            record(f"chart endpoint, {days * 24} h, p95 of 20", pct(times, 95) * 1000, "ms",
-                   "<= 200 ms", pct(times, 95) <= 0.2)
+            record(f"chart endpoint, {days * 24} h, p95 of 20 (the series cached after the first)",
+                   pct(times, 95) * 1000, "ms", "<= 200 ms", pct(times, 95) <= 0.2)
         times = []
         for _ in range(20):
             t = time.perf_counter()
@@ -582,21 +596,25 @@ def bench_dashboard(quick: bool):
         record("page and its data in Chromium (6 charts, state), p95 of 20", pct(loads, 95) * 1000,
                "ms", "<= 1000 ms", pct(loads, 95) <= 1.0)
         record("page and its data in Chromium, median", statistics.median(loads) * 1000, "ms")
-        # a reading stored -> shown on the open page
+        # a reading stored -> shown on the open page (the background writer paused, so the
+        # measured reading stays the newest until it shows)
+        quiet.set()
+        time.sleep(1.0)
         lat = []
         for i in range(10):
             with store.transaction():
                 store.save_sensor_data({"fruiting": {"temp": 24.0, "humidity": 88.0, "co2": 2000 + i},
                                         "spawning": {"temp": 27.0, "humidity": 70.0, "co2": 3000}})
             t = time.perf_counter()
-            wait_for(lambda: driver.execute_script(
+            shown = lambda: driver.execute_script(                                  # noqa: E731
                 "return document.querySelector('[data-room=fruiting] [data-field=co2]').textContent")
-                == str(2000 + i), timeout=10, interval=0.01)
+            wait_for(lambda: shown() == str(2000 + i), timeout=10, interval=0.01)
             lat.append(time.perf_counter() - t)
             time.sleep(1.3)
         record("reading stored -> shown on the open page, median", statistics.median(lat) * 1000, "ms",
                "<= 2000 ms", max(lat) <= 2.0)
         record("reading stored -> shown on the open page, max of 10", max(lat) * 1000, "ms")
+        quiet.clear()
         cpu0, t0 = cpu_seconds(dash.proc.pid), time.monotonic()
         time.sleep(30 if quick else 60)
         cpu = (cpu_seconds(dash.proc.pid) - cpu0) / (time.monotonic() - t0) * 100

@@ -16,13 +16,14 @@ import datetime as dt
 import hmac
 import logging
 import signal
+import sqlite3
 import threading
 import time
 
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request, session, url_for
 from waitress.server import create_server
 
-from mash.clock import utcnow
+from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
 from mash.dashboard import actions, auth, charts, data
@@ -62,8 +63,12 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
                       PERMANENT_SESSION_LIFETIME=dt.timedelta(days=7), JSON_SORT_KEYS=False)
     limiter = auth.LoginLimiter()
     drain = Drain()
+    chart_series = data.SeriesCache()
     cache = {"at": 0.0, "version": None, "body": None}
     cache_lock = threading.Lock()
+    # SQLite's data_version only compares within one connection (and never counts that
+    # connection's own commits): one read-only connection, used under the lock, for it alone
+    watch = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, check_same_thread=False)
 
     def client() -> str:
         return request.remote_addr or "?"
@@ -161,14 +166,14 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         if not logged_in():
             return jsonify(error="log in first"), 403
         with cache_lock:
-            version = store.data_version()
+            version = watch.execute("PRAGMA data_version").fetchone()[0]
             now = time.monotonic()
             if cache["body"] is None or (version != cache["version"] and
                                          now - cache["at"] >= STATE_CACHE_S) or now - cache["at"] >= 5:
                 snap = data.snapshot(settings, store)
                 snap["cloud"]["drain"] = drain.add(snap["cloud"]["pending"])
                 cache.update(at=now, version=version, body=snap)
-            return jsonify(cache["body"])
+            return jsonify({**cache["body"], "served": iso(utcnow())})
 
     @app.get("/chart/<room>/<metric>.svg")
     def chart(room, metric):
@@ -177,8 +182,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         if room not in ROOMS or metric not in data.METRICS:
             return Response("no such chart", 404)
         days = 7 if request.args.get("days") == "7" else 1
-        end = utcnow()
-        points = data.series(store, room, days * 24, end)
+        end, points = chart_series.get(store, room, days * 24.0)
         label, unit, low_key, high_key = data.METRICS[metric]
         limits = data.thresholds(settings, store).get(room, {})
         body = charts.svg(points, metric, label, unit, limits.get(low_key) if low_key else None,

@@ -29,7 +29,9 @@
   }
 
   function render(s) {
-    text($("#connection"), "live · " + s.now.replace("T", " ").slice(0, 19) + " UTC");
+    // the state may have been computed a few seconds before it was served: age from then
+    const late = Math.max(0, (Date.parse(s.served) - Date.parse(s.now)) / 1000) || 0;
+    text($("#connection"), "live · " + s.served.replace("T", " ").slice(0, 19) + " UTC");
     for (const room of Object.keys(s.rooms)) {
       const card = $('[data-room="' + room + '"]');
       const r = s.rooms[room];
@@ -38,7 +40,7 @@
         text($('[data-field="temperature"]', card), r.temperature.toFixed(1));
         text($('[data-field="humidity"]', card), r.humidity.toFixed(1));
         text($('[data-field="co2"]', card), String(r.co2));
-        text($('[data-field="age"]', card), ago(r.age_s) + (r.clock_held ? " (clock not synchronized yet)" : ""));
+        text($('[data-field="age"]', card), ago(r.age_s + late) + (r.clock_held ? " (clock not synchronized yet)" : ""));
       }
       text($('[data-field="mode"]', card), s.mode[room] || "–");
     }
@@ -50,7 +52,7 @@
     }
     text($("#last-sync"), c.last_sync ? c.last_sync.replace("T", " ").slice(0, 19) + " UTC" : "never");
     text($("#pending"), String(c.pending) + (c.clock_held ? " (" + c.clock_held + " held until the clock is synchronized)" : ""));
-    text($("#oldest"), c.pending ? ago(c.oldest_pending_age_s).replace(" ago", " old") : "–");
+    text($("#oldest"), c.pending ? ago(c.oldest_pending_age_s + late).replace(" ago", " old") : "–");
     const lag = [];
     if (c.lag.backend !== null) lag.push("backend " + c.lag.backend);
     if (c.lag.firebase !== null) lag.push("Firebase " + c.lag.firebase);
