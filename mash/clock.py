@@ -6,7 +6,6 @@ Timestamps are naive UTC in the store and ISO 8601 with milliseconds and ``Z`` o
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as dt
 import os
 import time
@@ -65,20 +64,29 @@ _STA_UNSYNC = 0x0040
 BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)        # this process's own C library
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 def kernel_synchronized() -> bool:
     """The kernel's NTP status (what ``timedatectl`` calls "System clock synchronized"):
     ``adjtimex`` without STA_UNSYNC. Set by systemd-timesyncd, chrony and ntpd alike."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        buf = ctypes.create_string_buffer(512)           # struct timex, with room to spare
-        if libc.adjtimex(buf) < 0:
-            return False
-        # modes (int), then offset, freq, maxerror, esterror (longs), then status (int)
-        long_size = ctypes.sizeof(ctypes.c_long)
-        status_at = long_size * 5                        # int modes padded to a long
-        status = ctypes.c_int.from_buffer(buf, status_at).value
-    except (OSError, AttributeError, ValueError):
+    if _LIBC is None or not hasattr(_LIBC, "adjtimex"):
         return False
+    buf = ctypes.create_string_buffer(512)               # struct timex, with room to spare
+    try:
+        if _LIBC.adjtimex(buf) < 0:
+            return False
+    except (OSError, ValueError):
+        return False
+    # modes (int, padded to a long), then offset, freq, maxerror, esterror (longs), status (int)
+    status = ctypes.c_int.from_buffer(buf, ctypes.sizeof(ctypes.c_long) * 5).value
     return not status & _STA_UNSYNC
 
 

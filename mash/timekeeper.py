@@ -20,6 +20,7 @@ log = logging.getLogger("mash.reader")
 
 class Timekeeper:
     CHECK_EVERY = 1.0      # s between looks at the system's own sync status
+    RECHECK_EVERY = 60.0   # s between those looks once the backend's time is in use
     FACT_EVERY = 5.0       # s between looks at the backend's time the worker recorded
 
     def __init__(self, store: Store, source: ClockSource):
@@ -58,7 +59,7 @@ class Timekeeper:
             self._next_check = self._next_fact = float("-inf")
         if now < self._next_check:
             return self.base is not None
-        self._next_check = now + self.CHECK_EVERY
+        self._next_check = now + (self.RECHECK_EVERY if self.base is not None else self.CHECK_EVERY)
         how = self.source.synchronized()
         if how:
             self._synced(self.source.wall() - self.source.boottime(), how)

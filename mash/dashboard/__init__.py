@@ -64,6 +64,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
     limiter = auth.LoginLimiter()
     drain = Drain()
     chart_series = data.SeriesCache()
+    sync_now = actions.SyncNow()
     cache = {"at": 0.0, "version": None, "body": None}
     cache_lock = threading.Lock()
     # SQLite's data_version only compares within one connection (and never counts that
@@ -195,9 +196,9 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
     @app.post("/api/sync")
     def sync():
         guarded_post()
-        pending = actions.sync_now(store)
-        log.info("dashboard: sync now (%d pending)", pending)
-        return jsonify(enqueued=True, pending=pending)
+        result = sync_now(store)
+        log.info("dashboard: sync now (%d pending)", result["pending"])
+        return jsonify(result)
 
     @app.post("/api/actuator")
     def actuator():

@@ -2,13 +2,19 @@
 relay switch goes into the command ledger (source ``local``) for the reader to write and the
 worker to acknowledge to both sinks; limits and room modes are a ``CONFIGURE`` (the same
 validation and merge as the command, recorded in the ledger and acknowledged the same way);
-"Sync now" is the queue's forced sync, as ``mash sync``."""
+"Sync now" runs ``mash sync`` itself, which enqueues the queue's forced sync. (As a child
+process: importing the worker's tasks here would cost the dashboard 18 MB of cloud clients
+it never uses.)"""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+import subprocess
+import sys
+import threading
 
-from mash import protocol, tasks
+from mash import protocol
 from mash.commands import Rejected, merge_configuration, validate_configuration
 from mash.contract import ROOM_MODES, ROOMS
 from mash.models import COMPLETED, Store
@@ -57,8 +63,30 @@ def set_mode(store: Store, room, mode) -> str:
     return configure(store, {"mode": {room: mode}})[0]
 
 
-def sync_now(store: Store) -> int:
-    """Enqueue the forced sync; returns how many readings were pending."""
-    pending = store.pending_count()
-    tasks.force_sync()
-    return pending
+log = logging.getLogger("mash.dashboard")
+
+
+class SyncNow:
+    """``mash sync`` in a child process, one at a time."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: subprocess.Popen | None = None
+
+    def __call__(self, store: Store) -> dict:
+        pending = store.pending_count()
+        with self._lock:
+            if self._running is not None and self._running.poll() is None:
+                return {"enqueued": False, "pending": pending, "note": "a sync is being enqueued"}
+            proc = subprocess.Popen([sys.executable, "-m", "mash", "sync"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self._running = proc
+        threading.Thread(target=self._reap, args=(proc,), daemon=True).start()
+        return {"enqueued": True, "pending": pending}
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen) -> None:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            log.warning("dashboard: mash sync failed (%s): %s", proc.returncode,
+                        (err or "").strip().splitlines()[-1:] or "no message")

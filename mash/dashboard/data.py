@@ -84,9 +84,13 @@ def series(store: Store, room: str, hours: float, now: dt.datetime | None = None
         return []
     last = store.last_reading_id()
     step = max(1, (last - first + 1) // MAX_POINTS + 1)
+    # Past two days a bucket holds a hundred readings or more: every other one is averaged
+    # (a line's two rooms have neighbouring ids, so each room keeps half its readings), and
+    # the rowid test skips the other half without decoding them.
+    sample = " AND id % 4 < 2" if hours > 48 else ""
     cursor = store.db.execute_sql(
         "SELECT (id - ?) / ? AS b, AVG(temperature), AVG(humidity), AVG(co2), MIN(timestamp)"
-        " FROM sensor_data WHERE id >= ? AND room = ? GROUP BY b ORDER BY b",
+        f" FROM sensor_data WHERE id >= ?{sample} AND room = ? GROUP BY b ORDER BY b",
         (first, step, first, room))
     return [{"t": as_datetime(ts), "temperature": t, "humidity": h, "co2": c}
             for (_, t, h, c, ts) in cursor.fetchall() if as_datetime(ts) >= since]
