@@ -1,7 +1,8 @@
 """``mash service install`` / ``uninstall``: systemd units for the reader, the worker and the
 dashboard, pointing at this virtual environment, this checkout and its data directory.
 
-The units run ``<this python> -m mash <service>`` as the given user, restart on failure, stop
+The units run ``<this python> -m mash.<service>`` as the given user (the service's module
+itself, not the whole ``mash`` command, so each process imports only what it uses), restart on failure, stop
 on SIGTERM (each service finishes what it is doing), and share the queue in
 ``RuntimeDirectory=mash`` (``/run/mash``: RAM, made by systemd, kept while either runs). The
 reader gets ``dialout`` as a supplementary group, and the user is checked for it too, since
@@ -31,7 +32,7 @@ SERIAL_GROUP = "dialout"
 class Unit:
     name: str            # mash-reader
     description: str
-    command: str         # the mash subcommand
+    module: str          # run as ``python -m <module>``: the service's own imports only
     after: str = "local-fs.target"
     wants: str | None = None
     stop_timeout: int = 20
@@ -40,10 +41,10 @@ class Unit:
 
 UNITS = [
     Unit("mash-reader", "MASH gateway serial reader (the only owner of the board's port)",
-         "reader", serial=True),
-    Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "worker",
+         "mash.reader", serial=True),
+    Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "mash.worker",
          after="network-online.target", wants="network-online.target", stop_timeout=25),
-    Unit("mash-dashboard", "MASH gateway dashboard (the grower's page)", "dashboard",
+    Unit("mash-dashboard", "MASH gateway dashboard (the grower's page)", "mash.dashboard",
          stop_timeout=10),
 ]
 
@@ -71,7 +72,7 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) ->
         f"Environment=MASH_DATA_DIR={data_dir}",
         f"Environment=MASH_ENV_FILE={workdir / 'config' / '.env'}",
         "Environment=PYTHONUNBUFFERED=1",
-        f"ExecStart={python} -m mash {unit.command}",
+        f"ExecStart={python} -m {unit.module}",
         "Restart=on-failure",
         "RestartSec=2",
         "KillSignal=SIGTERM",

@@ -21,7 +21,7 @@ from mash.chamber import Chamber
 from mash.simulator import SimulatedBoard
 
 SERVICES = (["-m", "mash.reader"], ["-m", "mash.worker"])
-DASHBOARD = ["-m", "mash", "dashboard"]
+DASHBOARD = ["-m", "mash.dashboard"]
 
 
 def run(settings: Settings, interval: float = 5.0, out=sys.stdout) -> int:

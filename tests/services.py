@@ -479,7 +479,7 @@ class Dashboard:
     def start(self) -> "Dashboard":
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.dir / "dashboard.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mash", "dashboard"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "mash.dashboard"], env=self.env,
                                      cwd=str(self.dir), stdout=self.log, stderr=self.log)
         wait_port(self.port, timeout=20)
         return self

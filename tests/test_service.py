@@ -25,9 +25,9 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     reader, worker = unit_dir / "mash-reader.service", unit_dir / "mash-worker.service"
     dashboard = unit_dir / "mash-dashboard.service"
-    assert f"ExecStart={sys.executable} -m mash dashboard" in dashboard.read_text()
+    assert f"ExecStart={sys.executable} -m mash.dashboard" in dashboard.read_text()
     text = reader.read_text()
-    assert f"ExecStart={sys.executable} -m mash reader" in text
+    assert f"ExecStart={sys.executable} -m mash.reader" in text
     assert f"Environment=MASH_DATA_DIR={data}" in text
     assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
     assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text

@@ -16,6 +16,7 @@ import datetime as dt
 import hmac
 import logging
 import signal
+import sys
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
 from mash.dashboard import actions, auth, charts, data
+from mash.logs import start_process
 from mash.models import Store
 
 log = logging.getLogger("mash.dashboard")
@@ -230,6 +232,19 @@ def check_exposure(settings: Settings, store: Store) -> None:
         raise ConfigError("DASHBOARD_HOST", "listening beyond this machine needs a password: "
                                             "run `mash dashboard set-password` first",
                           settings.dashboard_host)
+
+
+def main() -> int:
+    """``python -m mash.dashboard`` (what its unit and ``mash run`` start): the dashboard
+    with only its own imports, not the whole ``mash`` command's."""
+    settings = start_process()
+    if settings is None:
+        return 2
+    try:
+        return serve(settings)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 
 def serve(settings: Settings) -> int:
