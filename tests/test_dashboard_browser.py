@@ -1,7 +1,6 @@
 """The dashboard in headless Chromium (Debian's, driven by selenium through Debian's
 chromedriver) against the real stack: simulated board on a pty, reader.py, worker.py, the
 devserver, mosquitto and the RTDB stand-in, with ``mash dashboard`` in front."""
-import json
 import os
 import time
 

@@ -2,7 +2,6 @@
 the devserver, mosquitto with TLS and a password, the RTDB stand-in): all pass when healthy,
 and each broken part gives exactly its own ✗."""
 import json
-import sys
 
 import pytest
 

@@ -6,11 +6,9 @@ import datetime as dt
 import threading
 import time
 
-import pytest
 
 from mash import tasks
-from mash.clock import BOOTTIME, ClockSource, from_epoch, to_epoch
-from mash.models import Store
+from mash.clock import BOOTTIME, ClockSource, to_epoch
 from mash.reader import Reader
 from mash.simulator import SimulatedBoard
 from mash.tasks.context import WorkerContext
