@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -460,6 +461,24 @@ class Gateway:
     def logs(self) -> str:
         self.log.flush()
         return (self.dir / "gateway.log").read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def whole_stack(base: Path, interval: float = 0.2, **env):
+    """A devserver, a broker, the RTDB stand-in and a started Gateway on them, stopped in
+    reverse order on the way out."""
+    devserver = DevServer(base / "devserver").start()
+    broker = Broker(base / "broker").start()
+    rtdb = RTDBStandIn().start()
+    rtdb.credentials = make_service_account(base / "firebase_config.json")
+    gw = Gateway(base / "gw", devserver, broker, rtdb, interval=interval, **env).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        rtdb.stop()
+        broker.stop()
+        devserver.stop()
 
 
 # -- the dashboard and a browser ---------------------------------------------------------------

@@ -9,8 +9,7 @@ from selenium.webdriver.common.by import By
 
 from mash.alerts import AlertEvent
 from mash.models import Store
-from tests.services import (CHROMEDRIVER, CHROMIUM, Broker, Dashboard, DevServer, Gateway,
-                            RTDBStandIn, browser, make_service_account, wait_for)
+from tests.services import CHROMEDRIVER, CHROMIUM, Dashboard, browser, wait_for, whole_stack
 
 pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                                 reason="Debian's chromium and chromium-driver are not installed "
@@ -22,32 +21,24 @@ DEVICE = "rpi_gateway_001"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("dashboard")
-    devserver = DevServer(base / "devserver").start()
-    broker = Broker(base / "broker").start()
-    rtdb = RTDBStandIn().start()
-    rtdb.credentials = make_service_account(base / "firebase_config.json")
     # no periodic sync: only "Sync now" drains the backlog in these tests
-    gw = Gateway(base / "gw", devserver, broker, rtdb, interval=0.5, SYNC_INTERVAL="3600").start()
-    dash = Dashboard(base / "dash", gw.env)
-    observer = broker.observer()
-    driver = None
-    try:
-        assert dash.mash("dashboard", "set-password", input=f"{PASSWORD}\n{PASSWORD}\n").returncode == 0
-        dash.start()
-        driver = browser(base / "chromium-profile")
-        driver.implicitly_wait(0)
-        gw.dash, gw.driver, gw.observer = dash, driver, observer
-        gw.store = Store(gw.data / "mash.db")
-        yield gw
-    finally:
-        if driver is not None:
-            driver.quit()
-        observer.close()
-        dash.stop()
-        gw.stop()
-        rtdb.stop()
-        broker.stop()
-        devserver.stop()
+    with whole_stack(base, interval=0.5, SYNC_INTERVAL="3600") as gw:
+        dash = Dashboard(base / "dash", gw.env)
+        observer = gw.broker.observer()
+        driver = None
+        try:
+            assert dash.mash("dashboard", "set-password",
+                             input=f"{PASSWORD}\n{PASSWORD}\n").returncode == 0
+            dash.start()
+            driver = browser(base / "chromium-profile")
+            gw.dash, gw.driver, gw.observer = dash, driver, observer
+            gw.store = Store(gw.data / "mash.db")
+            yield gw
+        finally:
+            if driver is not None:
+                driver.quit()
+            observer.close()
+            dash.stop()
 
 
 def text_of(driver, css):

@@ -5,19 +5,13 @@ import json
 
 import pytest
 
-from tests.services import Broker, Gateway, make_ca, wait_for
+from tests.services import Broker, make_ca, wait_for, whole_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tests.services import DevServer, RTDBStandIn, make_service_account
     base = tmp_path_factory.mktemp("doctor")
-    devserver = DevServer(base / "devserver").start()
-    broker = Broker(base / "broker").start()
-    rtdb = RTDBStandIn().start()
-    rtdb.credentials = make_service_account(base / "firebase_config.json")
-    gw = Gateway(base / "gw", devserver, broker, rtdb, interval=0.2, CLOCK_SYNC="auto").start()
-    try:
+    with whole_stack(base, interval=0.2, CLOCK_SYNC="auto") as gw:
         status = lambda: json.loads(gw.mash("status", "--json").stdout or "{}")   # noqa: E731
         wait_for(lambda: status().get("processes", {}).get("worker", {}).get("alive")
                  and status().get("mqtt_online") and status().get("total_synced"),
@@ -26,11 +20,6 @@ def stack(tmp_path_factory):
         gw.stopped = Broker(base / "stopped-broker").start()
         gw.stopped.stop()
         yield gw
-    finally:
-        gw.stop()
-        rtdb.stop()
-        broker.stop()
-        devserver.stop()
 
 
 def doctor(gw, **env):

@@ -50,6 +50,17 @@ def tls_context(s: Settings) -> ssl.SSLContext:
     return ctx
 
 
+def paho_client(s: Settings, client_id: str, clean_session: bool) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS (the link's and the probe's)."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    clean_session=clean_session, protocol=mqtt.MQTTv311)
+    if s.mqtt_username:
+        c.username_pw_set(s.mqtt_username, s.mqtt_password)
+    if s.mqtt_tls:
+        c.tls_set_context(tls_context(s))
+    return c
+
+
 def probe(s: Settings, timeout: float = 5.0) -> list[tuple[str, bool | None, str]]:
     """``mash doctor``'s MQTT steps, each ``(step, ok, detail)``, stopping at the first that
     fails (later steps ``None``: not tried): ``tls`` (reach the broker and the TLS handshake
@@ -72,12 +83,7 @@ def probe(s: Settings, timeout: float = 5.0) -> list[tuple[str, bool | None, str
                 ("auth", None, "not tried"), ("subscribe", None, "not tried")]
     done = threading.Event()
     result: dict = {}
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"mash-{s.device_id}-doctor",
-                    clean_session=True, protocol=mqtt.MQTTv311)
-    if s.mqtt_username:
-        c.username_pw_set(s.mqtt_username, s.mqtt_password)
-    if s.mqtt_tls:
-        c.tls_set_context(tls_context(s))
+    c = paho_client(s, f"mash-{s.device_id}-doctor", clean_session=True)
 
     def on_connect(client, userdata, flags, reason_code, properties):
         result["connack"] = reason_code
@@ -146,12 +152,7 @@ class MQTTClient:
     # -- set-up ---------------------------------------------------------------------------
     def _build(self) -> None:
         s = self.settings
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"mash-{self.device_id}",
-                        clean_session=False, protocol=mqtt.MQTTv311)
-        if s.mqtt_username:
-            c.username_pw_set(s.mqtt_username, s.mqtt_password)
-        if s.mqtt_tls:
-            c.tls_set_context(tls_context(s))
+        c = paho_client(s, f"mash-{self.device_id}", clean_session=False)
         c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
                                                      "status": "offline"}), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
