@@ -16,6 +16,7 @@ from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
 from mash.logs import setup_logging
 from mash.models import Store
+from mash.models.stats import SINK_WORDS, sink_states
 
 
 def cmd_run(args) -> int:
@@ -104,14 +105,8 @@ def status_report(settings: Settings, store: Store) -> dict:
     stats = store.get_stats()
     stats["mode"] = effective_modes(settings.control_mode,
                                     (store.meta_get("configuration") or {}).get("mode"))
-    worker = stats["processes"].get("worker") or {}
-    configured = {"backend": settings.backend_enabled, "mqtt": settings.mqtt_enabled,
-                  "firebase": settings.firebase_enabled}
-    stats["sinks"] = {
-        name: ("off (not configured)" if not on else
-               "unknown (worker not running)" if not worker.get("alive") else
-               "online" if stats[f"{name}_online"] else "offline")
-        for name, on in configured.items()}
+    stats["sinks"] = {name: SINK_WORDS.get(state, state) for name, state in
+                      sink_states(store, settings, stats["processes"]).items()}
     return stats
 
 

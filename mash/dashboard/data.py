@@ -17,6 +17,7 @@ from mash.config import Settings
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.models import Store
+from mash.models.stats import sink_states
 from mash.rules import merge_thresholds
 
 MAX_POINTS = 1000
@@ -150,12 +151,6 @@ def cloud(settings: Settings, store: Store, now: dt.datetime) -> dict:
     """The guide's cloud status, cheaply: per sink online / offline / off, the backlog."""
     procs = store.processes()
     worker_alive = bool((procs.get("worker") or {}).get("alive"))
-    sinks = {}
-    for name, on in (("backend", settings.backend_enabled), ("mqtt", settings.mqtt_enabled),
-                     ("firebase", settings.firebase_enabled)):
-        row = store.sink(name)
-        sinks[name] = ("off" if not on else "unknown" if not worker_alive else
-                       "online" if row.online else "offline")
     S = store.m.SensorData
     progress = store.backend_progress()
     oldest = (S.select(S.timestamp).where((S.id > progress) & (S.synced == 0))
@@ -164,7 +159,7 @@ def cloud(settings: Settings, store: Store, now: dt.datetime) -> dict:
     fb = store.sink("firebase")
     backend_row = store.sink("backend")
     return {
-        "sinks": sinks,
+        "sinks": sink_states(store, settings, procs),
         "worker_alive": worker_alive,
         "reader_alive": bool((procs.get("reader") or {}).get("alive")),
         "board": (procs.get("reader") or {}).get("board"),

@@ -51,3 +51,19 @@ def collect(store) -> dict:
         "clock_held_readings": (last_id - hold + 1) if hold else 0,
         "schema_version": SCHEMA_VERSION,
     }
+
+
+SINK_WORDS = {"off": "off (not configured)", "unknown": "unknown (worker not running)"}
+
+
+def sink_states(store, settings, processes: dict | None = None) -> dict[str, str]:
+    """Each sink as ``online``, ``offline``, ``off`` (its settings absent) or ``unknown``
+    (the worker, whose flags they are, is not running): ``mash status`` and the dashboard."""
+    processes = store.processes() if processes is None else processes
+    worker_alive = bool((processes.get("worker") or {}).get("alive"))
+    states = {}
+    for name, on in (("backend", settings.backend_enabled), ("mqtt", settings.mqtt_enabled),
+                     ("firebase", settings.firebase_enabled)):
+        states[name] = ("off" if not on else "unknown" if not worker_alive else
+                        "online" if store.sink(name).online else "offline")
+    return states
