@@ -16,10 +16,11 @@ from playhouse.migrate import SqliteMigrator
 from playhouse.migrate import migrate as apply_operations
 
 from mash.ids import alert_id
+from mash.models.schema import create_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class SchemaTooNew(RuntimeError):
@@ -82,8 +83,15 @@ def _v3(db, migrator, m) -> None:
                      migrator.add_column("sensor_data", "boot", m.SensorData.boot))
 
 
+def _v4(db, migrator, m) -> None:
+    """Readings of the simulated board are marked (they never reach a sink unless asked);
+    partial indexes for the open commands and the owed outbox items (hot loops)."""
+    apply_operations(migrator.add_column("sensor_data", "simulated", m.SensorData.simulated))
+    create_indexes(db)
+
+
 # version -> step that upgrades a database from version-1 to version.
-STEPS = {2: _v2, 3: _v3}
+STEPS = {2: _v2, 3: _v3, 4: _v4}
 
 
 def migrate(db, models) -> int:
@@ -99,6 +107,7 @@ def migrate(db, models) -> int:
             return current
         if current == 0 and not db.table_exists("sensor_data"):
             db.create_tables([getattr(models, m) for m in vars(models)])
+            create_indexes(db)
         else:
             migrator = SqliteMigrator(db)
             for version in range(max(current, 1) + 1, SCHEMA_VERSION + 1):

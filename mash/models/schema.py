@@ -39,6 +39,8 @@ class SensorData(Model):
     # counts from. Held back from every sink until rebased to wall time (mash.timekeeper).
     mono = FloatField(null=True)
     boot = CharField(null=True)
+    # 1 when the line came from the built-in simulated board, not a real Arduino
+    simulated = IntegerField(default=0)
 
     class Meta:
         table_name = "sensor_data"
@@ -138,6 +140,20 @@ class KeyValue(Model):
 
 
 MODELS = (SensorData, Alert, Command, Outbox, ActuatorState, Counter, SinkState, KeyValue)
+
+
+# Indexes where a hot loop looks for the few open rows among many closed ones: the reader's
+# next board command (by status), each sink's owed outbox items (partial: an item leaves the
+# index once delivered, so it stays the size of the work in hand).
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS commands_status ON commands (status, seq)",
+    "CREATE INDEX IF NOT EXISTS outbox_owed ON outbox (sink, id) WHERE done_at IS NULL",
+)
+
+
+def create_indexes(database) -> None:
+    for statement in INDEXES:
+        database.execute_sql(statement)
 
 
 def bind_models(database) -> SimpleNamespace:
