@@ -60,24 +60,27 @@ def _young(ts: str | None, cutoff: str, future: str) -> bool:
 
 
 def _walk(store, table: str, key: str, columns: str, cutoff: str, future: str, chunk: int):
-    """Batches of ``(key, stamp, ...)`` rows (``columns`` after the key, the stamp first),
-    oldest key first, up to the first row whose stamp is too young to go."""
-    sql = f"SELECT {key}, {columns} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+    """Batches of up to ``chunk`` ``(key, stamp, ...)`` rows (``columns`` after the key, the
+    stamp first), oldest key first, up to the first row whose stamp is too young to go. Rows
+    are stepped through one at a time, so none past that one is read."""
+    sql = f"SELECT {key}, {columns} FROM {table} WHERE {key} > ? ORDER BY {key}"
     after = 0
     while True:
-        rows = store.db.execute_sql(sql, (after, chunk)).fetchall()
-        batch = []
-        for row in rows:
+        cursor = store.db.execute_sql(sql, (after,))
+        batch, young = [], False
+        for row in cursor:
             if _young(row[1], cutoff, future):
-                if batch:
-                    yield batch
-                return
+                young = True
+                break
             batch.append(row)
+            if len(batch) == chunk:
+                break
+        cursor.close()                   # before the caller deletes from the table
         if batch:
             yield batch
-        if len(rows) < chunk:
+            after = batch[-1][0]
+        if young or len(batch) < chunk:
             return
-        after = rows[-1][0]
 
 
 def _in(values) -> str:
