@@ -66,12 +66,15 @@ class Outbox:
                 .where(self.m.Outbox.id.in_(item_ids) & self.m.Outbox.done_at.is_null())
                 .execute())
 
-    def owed(self, urgent_only: bool = False) -> bool:
-        """Anything owed to any sink (a read, no write); with ``urgent_only``, anything but
-        the acks of the climate controller's own commands, which wait for the next sweep
-        (one delivery for several switches: fewer SD-card writes)."""
+    def owed(self, urgent_only: bool = False, sinks=None) -> bool:
+        """Anything owed to any sink (or to one of ``sinks``) (a read, no write); with
+        ``urgent_only``, anything but the acks of the climate controller's own commands,
+        which wait for the next sweep (one delivery for several switches: fewer SD-card
+        writes)."""
         O = self.m.Outbox
         cond = O.done_at.is_null()
+        if sinks is not None:
+            cond &= O.sink.in_(list(sinks))
         if urgent_only:
             cond &= ~O.ref.startswith(ids.AUTO_PREFIX)
         return O.select().where(cond).exists()

@@ -330,9 +330,10 @@ class Store(LedgerMixin):
             for item_id, error in marks:
                 self.outbox.done(item_id, error)
 
-    def has_undelivered(self, urgent_only: bool = False) -> bool:
-        """Anything owed to any sink (a read, no write); see ``Outbox.owed``."""
-        return self.outbox.owed(urgent_only)
+    def has_undelivered(self, urgent_only: bool = False, sinks=None) -> bool:
+        """Anything owed to any sink, or to one of ``sinks`` (a read, no write); see
+        ``Outbox.owed``."""
+        return self.outbox.owed(urgent_only, sinks)
 
     # -- sinks --------------------------------------------------------------------------
     def _upsert_sink(self, name: str, **values) -> None:
