@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from mash.contract import CONTROL_MODES
+from mash.contract import CONTROL_MODES, MAX_READINGS_PER_REQUEST
 from mash.rules import (DEFAULT_CONTROL, DEFAULT_THRESHOLDS, ConfigError, merge_control,
                         merge_thresholds)
 
@@ -279,7 +279,7 @@ class Settings:
             firebase_database_url=fb_url,
             firebase_credentials=text("FIREBASE_CREDENTIALS", cls.firebase_credentials),
             sync_interval=integer("SYNC_INTERVAL", 60, 1, 86400),
-            batch_size=integer("BATCH_SIZE", 50, 1, 5000),
+            batch_size=integer("BATCH_SIZE", 50, 1, MAX_READINGS_PER_REQUEST),
             command_poll_interval=integer("COMMAND_POLL_INTERVAL", 10, 1, 3600),
             heartbeat_interval=integer("HEARTBEAT_INTERVAL", 60, 1, 86400),
             serial_port=serial_port,

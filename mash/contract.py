@@ -19,6 +19,9 @@ KEEPALIVE = b'{"keepalive":true}\n'
 # §2 Backend
 SEVERITIES = ("INFO", "WARNING", "CRITICAL")
 DEVICE_STATUSES = ("ONLINE", "OFFLINE", "MAINTENANCE", "ERROR")
+# Readings per POST /sensors/data the backend accepts (413 above: the reference backend's
+# limit, mash/devserver); BATCH_SIZE and the drain's larger batches stay within it.
+MAX_READINGS_PER_REQUEST = 1000
 
 # §3 Commands (both channels)
 COMMANDS = ("set_actuator", "REQUEST_STATUS", "force_sync", "CONFIGURE")

@@ -1,11 +1,15 @@
 """The backend client against the reference backend, a real subprocess on loopback."""
+import subprocess
+import sys
 import time
 
 import jwt
 import pytest
 
-from mash.cloud.backend_api import (AuthError, PermanentError, RetryableError,
-                                    create_backend_client, unwrap)
+from mash.cloud import errors
+from mash.cloud.backend_api import (AuthError, BadRequest, NotFound, PermanentError,
+                                    RetryableError, TooLarge, create_backend_client, unwrap)
+from tests.services import wait_for
 
 DEVICE = "rpi_gateway_001"
 
@@ -163,3 +167,56 @@ def test_plain_http_to_a_remote_host_is_refused(make_settings):
     from mash.config import ConfigError
     with pytest.raises(ConfigError):
         make_settings(BACKEND_URL="http://api.mashmarket.app", DEVICE_EMAIL="a", DEVICE_PASSWORD="b")
+
+
+def test_a_refused_login_backs_off_and_sends_nothing_until_the_next_attempt(devserver, client_for):
+    backend = client_for(devserver)
+    backend.login_backoff = (1.0, 4.0)          # 30 s, doubling to 15 min, in production
+    backend.register_device()
+    devserver.faults(unauthorized_for=2.5)      # a locked account, for 2.5 s
+    with pytest.raises(AuthError) as err:
+        backend.update_status("ONLINE", {})
+    assert isinstance(err.value, RetryableError) and not isinstance(err.value, PermanentError)
+    assert err.value.retry_after == 1.0 and backend.auth_refused
+    refused = devserver.state()["faults"]["unauthorized"]
+    assert refused == [f"PUT /devices/{DEVICE}", "POST /auth/refresh", "POST /auth/login"]
+    sent = devserver.state()["requests"]
+    with pytest.raises(AuthError) as err:
+        backend.get_configuration()             # inside the backoff: nothing is sent
+    assert 0 < err.value.retry_after <= 1.0
+    assert devserver.state()["requests"] == sent
+
+    def attempt():
+        try:
+            return backend.get_configuration() == {}
+        except AuthError:
+            return False
+    wait_for(attempt, timeout=15, interval=0.05, what="a login once the lockout ended")
+    # one more refused login at +1 s (then 2 s of backoff), the next at +3 s works
+    assert devserver.state()["faults"]["unauthorized"][3:] == ["POST /auth/login"]
+    assert not backend.auth_refused and backend.auth_blocked_for == 0
+
+
+def test_sink_failures_are_classified_in_one_place(devserver, client_for):
+    backend = client_for(devserver)
+    backend.register_device()
+    for status, cls, kind in ((403, AuthError, errors.AUTH), (413, TooLarge, errors.TOO_LARGE),
+                              (422, BadRequest, errors.BAD_REQUEST), (404, NotFound, errors.NOT_FOUND),
+                              (503, RetryableError, errors.OFFLINE)):
+        devserver.faults(fail_next=1, fail_status=status)
+        with pytest.raises(cls) as err:
+            backend.get_configuration()
+        assert (err.value.status, err.value.kind) == (status, kind)
+        assert err.value.keeps_owed is (kind in (errors.AUTH, errors.OFFLINE))
+    assert errors.kind_for_status(429) == errors.RATE_LIMITED
+    assert errors.kind_for_status(409) == errors.CONFLICT
+    assert errors.kind_for_status(405) == errors.REFUSED
+    assert errors.kind_for_connack(0x86) == errors.AUTH == errors.kind_for_connack(5)
+    assert errors.kind_for_connack(0x88) == errors.OFFLINE           # server unavailable
+
+
+def test_the_error_classes_load_without_the_http_stack():
+    out = subprocess.run([sys.executable, "-c", "import sys, mash.cloud.errors; "
+                          "print('requests' in sys.modules)"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -12,6 +12,7 @@ def test_defaults_follow_the_contract():
 
 @pytest.mark.parametrize("env,key", [
     ({"BATCH_SIZE": "abc"}, "BATCH_SIZE"),
+    ({"BATCH_SIZE": "1001"}, "BATCH_SIZE"),          # the backend takes at most 1000 a request
     ({"SYNC_INTERVAL": "0"}, "SYNC_INTERVAL"),
     ({"MQTT_PORT": "99999"}, "MQTT_PORT"),
     ({"MQTT_QOS": "2"}, "MQTT_QOS"),
@@ -27,6 +28,14 @@ def test_bad_values_name_the_key(env, key):
         Settings.from_mapping(env)
     assert err.value.key == key
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_size_is_capped_at_what_the_backend_takes():
+    from mash.contract import MAX_READINGS_PER_REQUEST
+    assert MAX_READINGS_PER_REQUEST == 1000
+    assert Settings.from_mapping({"BATCH_SIZE": "1000"}).batch_size == 1000
+    with pytest.raises(ConfigError, match="between 1 and 1000"):
+        Settings.from_mapping({"BATCH_SIZE": "5000"})
 
 
 def test_backend_url_gets_api_prefix_only_without_a_path():

@@ -1,6 +1,7 @@
 """The reference backend: faithful where the contract speaks, strict where it is silent."""
 import subprocess
 import sys
+import time
 
 import requests
 
@@ -48,3 +49,34 @@ def test_a_pending_command_is_marked_sent_when_the_device_fetches_it(devserver, 
     assert [c["status"] for c in devserver.state()["commands"] if c["id"] == "f-1"] == ["pending"]
     assert [c["status"] for c in backend.fetch_commands() if c["id"] == "f-1"] == ["sent"]
     assert [c["status"] for c in devserver.state()["commands"] if c["id"] == "f-1"] == ["sent"]
+
+
+def test_fault_switches_refuse_credentials_for_a_while_and_chosen_readings(devserver, client_for):
+    backend = client_for(devserver)
+    backend.register_device()
+    h = {"Authorization": f"Bearer {backend._ensure_token()}", "Idempotency-Key": "k1"}
+    url = devserver.url
+    devserver.faults(refuse_ids=["bad-1"], refuse_value=4999)
+    for bad in (reading("bad-1"), reading("ok-1", co2=4999)):
+        r = requests.post(url + "/sensors/data", json={"deviceId": DEVICE,
+                          "readings": [reading("ok-0"), bad]}, headers=h, timeout=5)
+        assert r.status_code == 400 and f"readings[1] (id {bad['id']}) refused" in \
+            r.json()["error"]["message"]
+    devserver.faults(max_readings=1)
+    r = requests.post(url + "/sensors/data", json={"deviceId": DEVICE, "readings": [
+        reading("ok-0"), reading("ok-2")]}, headers=h, timeout=5)
+    assert r.status_code == 413
+    assert devserver.state()["uploads"] == [[2, 400], [2, 400], [2, 413]]
+    devserver.faults(unauthorized_for=1.0, unauthorized_after=1)
+    assert requests.get(url + f"/devices/{DEVICE}/configuration", headers=h, timeout=5).ok
+    login = {"email": devserver.EMAIL, "password": devserver.PASSWORD}
+    assert requests.post(url + "/auth/login", json=login, timeout=5).status_code == 401
+    assert requests.get(url + f"/devices/{DEVICE}/configuration", headers=h,
+                        timeout=5).status_code == 401
+    assert devserver.state()["faults"]["unauthorized"] == ["POST /auth/login",
+                                                           f"GET /devices/{DEVICE}/configuration"]
+    deadline = time.monotonic() + 10
+    while requests.post(url + "/auth/login", json=login, timeout=5).status_code == 401:
+        assert time.monotonic() < deadline, "the 401s did not end"
+        time.sleep(0.1)
+    assert devserver.state()["faults"]["unauthorized_for"] == 0

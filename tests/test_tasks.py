@@ -105,15 +105,145 @@ def test_an_expired_access_token_mid_drain_costs_no_batch(make_settings, devserv
     assert len(backend_ids(server)) == 600
 
 
-def test_a_permanent_error_is_recorded_and_does_not_block_what_is_behind(gateway):
+def test_a_refused_reading_is_the_only_one_rejected_and_retry_rejected_sends_it_alone(gateway):
     gateway.settings = gateway.settings.with_(batch_size=10)
     add_backlog(gateway.store, 15)
-    gateway.store.m.SensorData.update(room="cellar").where(gateway.store.m.SensorData.id == 12).execute()   # the backend refuses it
-    sync.sync_readings(gateway)
-    assert gateway.store.m.SensorData.select().where(gateway.store.m.SensorData.synced == -1).count() == 10
-    assert gateway.store.m.SensorData.select().where(gateway.store.m.SensorData.synced == 1).count() == 20
+    S = gateway.store.m.SensorData
+    S.update(room="cellar").where(S.id == 12).execute()       # the backend refuses it
+    assert sync.sync_readings(gateway) == 29
+    assert [r.id for r in S.select().where(S.synced == -1)] == [12]
+    assert S.select().where(S.synced == 1).count() == 29
     assert "room must be one of" in gateway.store.meta_get("last_rejection")["reason"]
-    assert gateway.store.get_stats()["rejected_records"] == 10
+    assert gateway.store.get_stats()["rejected_records"] == 1
+    assert gateway.store.retry_rejected() == 1
+    assert sync.sync_readings(gateway) == 0                   # still refused: it alone
+    assert [r.id for r in S.select().where(S.synced == -1)] == [12]
+    assert S.select().where(S.synced == 1).count() == 29
+    ids = backend_ids(gateway.devserver)
+    assert len(ids) == 29 == len(set(ids))
+    assert gateway.store.counters()["sync_rejected"] == 2      # once per attempt, counted
+
+
+def test_one_poisoned_reading_among_500_is_the_only_one_rejected(gateway):
+    add_backlog(gateway.store, 250)                # 500 readings: one request of the drain's 500
+    poisoned = gateway.store.reading_id(137)
+    gateway.devserver.faults(refuse_ids=[poisoned])
+    assert sync.sync_readings(gateway) == 499
+    S = gateway.store.m.SensorData
+    assert [r.id for r in S.select().where(S.synced == -1)] == [137]
+    assert S.select().where(S.synced == 1).count() == 499 and gateway.store.pending_count() == 0
+    ids = backend_ids(gateway.devserver)
+    everyone = {gateway.store.reading_id(r.id) for r in S.select(S.id)}
+    assert len(ids) == 499 == len(set(ids)) and set(ids) == everyone - {poisoned}
+    rejection = gateway.store.meta_get("last_rejection")
+    assert rejection["first_id"] == 137 and rejection["count"] == 1
+    assert f"(id {poisoned}) refused" in rejection["reason"]
+    assert gateway.store.counters()["sync_rejected"] == 1
+    uploads = gateway.devserver.state()["uploads"]
+    assert uploads[0] == [500, 400] and len(uploads) == 1 + 2 * 9       # 9 halvings, 2 each
+    assert sum(n for n, status in uploads if status == 201) == 499
+    assert [n for n, status in uploads if status == 400][-1] == 1     # isolated down to it
+
+
+def test_a_413_halves_the_request_for_the_rest_of_the_run(gateway):
+    add_backlog(gateway.store, 300)                # 600 readings: the drain's 500, then 100
+    gateway.devserver.faults(max_readings=100)     # the backend's limit is lower than we knew
+    assert sync.sync_readings(gateway) == 600
+    uploads = [tuple(u) for u in gateway.devserver.state()["uploads"]]
+    assert uploads[:3] == [(500, 413), (250, 413), (125, 413)]
+    assert all(status == 201 and n <= 63 for n, status in uploads[3:])
+    assert sum(n for n, _ in uploads[3:]) == 600
+    S = gateway.store.m.SensorData
+    assert S.select().where(S.synced == -1).count() == 0
+    assert len(set(backend_ids(gateway.devserver))) == 600
+    # a single reading refused as too large is the data: it alone is set aside
+    add_backlog(gateway.store, 1, start=utcnow() - dt.timedelta(days=1))
+    gateway.devserver.faults(max_readings=0)
+    assert sync.sync_readings(gateway) == 0
+    assert [tuple(u) for u in gateway.devserver.state()["uploads"][-3:]] == [(2, 413), (1, 413),
+                                                                              (1, 413)]
+    assert [r.id for r in S.select().where(S.synced == -1)] == [601, 602]
+    assert "413" in gateway.store.meta_get("last_rejection")["reason"]
+
+
+def test_no_request_carries_more_readings_than_the_backend_takes(make_settings, devserver, store):
+    ctx = WorkerContext(make_settings(**devserver.env(), BATCH_SIZE="1000"), store=store,
+                        mqtt=None, firebase=None)
+    ctx.drain_batch = 5000
+    add_backlog(store, 2500)                       # 5000 readings
+    assert sync.sync_readings(ctx) == 5000
+    assert [tuple(u) for u in devserver.state()["uploads"]] == [(1000, 201)] * 5
+    assert store.m.SensorData.select().where(store.m.SensorData.synced == -1).count() == 0
+
+
+def test_a_404_that_survives_registering_again_ends_the_run_and_keeps_every_reading(gateway,
+                                                                                     caplog):
+    S = gateway.store.m.SensorData
+    add_backlog(gateway.store, 5)                   # 10 readings, one request
+    sync.ensure_registered(gateway)
+    # the backend forgot the device once: registered again, and the upload goes through
+    gateway.devserver.faults(fail_next=1, fail_status=404, fail_path="/sensors/data")
+    assert sync.sync_readings(gateway) == 10
+    # now every upload is answered 404: one registration per run, then the run ends
+    add_backlog(gateway.store, 5, start=utcnow() - dt.timedelta(days=1))
+    gateway.devserver.faults(fail_next=40, fail_status=404, fail_path="/sensors/data")
+    before = gateway.devserver.state()["requests"]
+    with caplog.at_level("INFO", logger="mash.worker"):
+        assert sync.sync_readings(gateway) == 0
+        assert sync.sync_readings(gateway) == 0
+    # per run: the upload, the registration (409: still ours), the upload again
+    assert gateway.devserver.state()["requests"] - before == 2 * 3
+    assert gateway.store.pending_count() == 10 and S.select().where(S.synced == -1).count() == 0
+    gone = [r for r in caplog.records if "even after registering" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelname == "ERROR"
+    assert "404 after registering again" in gateway.store.sink("backend").last_error
+    gateway.devserver.faults(fail_next=0)
+    assert sync.sync_readings(gateway) == 10
+    assert len(set(backend_ids(gateway.devserver))) == 20
+
+
+def run_due_retries(name: str) -> int:
+    """Run the retries of ``name`` that are due (Huey immediate mode only schedules them)."""
+    due = [t for t in tasks.huey.read_schedule() if t.name == name]
+    for task in due:
+        tasks.huey.execute(task)
+    return len(due)
+
+
+def test_a_401_for_a_while_mid_drain_rejects_nothing_and_every_reading_arrives_once(gateway):
+    gateway.backend.login_backoff = (0.5, 2.0)     # the lockout is seconds here, not an hour
+    add_backlog(gateway.store, 600)                # 1200 readings: requests of 500, 500, 200
+    sync.ensure_registered(gateway)
+    # the first upload goes through; then 401 to everything (login and refresh too) for 3 s
+    gateway.devserver.faults(unauthorized_for=3, unauthorized_after=1)
+    tasks.sync_readings()                          # fails; its retry is scheduled
+    S = gateway.store.m.SensorData
+    assert S.select().where(S.synced == -1).count() == 0
+    assert S.select().where(S.synced == 1).count() == 500 and gateway.store.pending_count() == 700
+    assert gateway.store.get_stats()["pending_records"] == 700
+    assert [t.name for t in tasks.huey.scheduled()] == ["sync_readings"]
+    refused = gateway.devserver.state()["faults"]["unauthorized"]
+    assert refused == ["POST /sensors/data", "POST /auth/refresh", "POST /auth/login"]
+    sent = gateway.devserver.state()["requests"]
+    with pytest.raises(RetryableError):            # inside the login backoff: nothing is sent
+        sync.sync_readings(gateway)
+    assert gateway.devserver.state()["requests"] == sent
+    A = gateway.store.m.Alert
+    assert [(a.event_type, a.state, a.severity) for a in A.select()] == [
+        ("backend_auth", "raised", "CRITICAL")]
+    wait_for(lambda: run_due_retries("sync_readings") and gateway.store.pending_count() == 0,
+             timeout=30, interval=0.1, what="Huey's retries drained the backlog after the 401s")
+    assert S.select().where(S.synced == -1).count() == 0
+    ids = backend_ids(gateway.devserver)
+    assert len(ids) == 1200 == len(set(ids))
+    assert set(ids) == {gateway.store.reading_id(r.id) for r in S.select(S.id)}
+    assert [(a.event_type, a.state) for a in A.select()] == [("backend_auth", "raised"),
+                                                            ("backend_auth", "cleared")]
+    refused = gateway.devserver.state()["faults"]["unauthorized"]
+    assert set(refused[3:]) <= {"POST /auth/login"}      # each later attempt: one login, no more
+    owed = [(o.ref, o.sink) for o in gateway.store.owed("backend")]
+    assert owed == [("1", "backend"), ("2", "backend")]  # the alert and its clearing, to send
+    tasks.huey.storage.flush_schedule()
 
 
 def test_firebase_backup_has_its_own_progress_and_never_holds_back_the_backend(gateway):

@@ -1,8 +1,10 @@
 """The MASH backend's REST API (CONTRACT.md section 2): JWT auth, envelope, error classes.
 
-Errors come in two kinds so the worker's tasks can let Huey retry only what is worth
-retrying: ``RetryableError`` (network, timeout, 5xx, 429 with its Retry-After) and
-``PermanentError`` (any other 4xx, with the server's message). The guide's methods
+Errors are classified in ``mash.cloud.errors``: ``RetryableError`` (network, timeout, 5xx,
+429 with its Retry-After, and ``AuthError``: 401/403, the credentials or session refused) and
+``PermanentError`` (any other 4xx, with the server's message: ``TooLarge``, ``BadRequest``,
+``NotFound``, ``Conflict``). After a refused login the client backs off (``LOGIN_BACKOFF``):
+no request goes to the backend until the next login attempt is due. The guide's methods
 (``send_sensor_data``, ``send_alert``, ``get_actuator_commands``, ...) return plain values and
 log failures; the lower-level ones raise.
 """
@@ -17,8 +19,9 @@ from email.utils import parsedate_to_datetime
 import jwt
 import requests
 
-from mash.cloud.errors import (AuthError, BackendError, NotConfigured, PermanentError,  # noqa: F401
-                               RetryableError)
+from mash.cloud.errors import (AuthError, BackendError, BadRequest, Conflict,  # noqa: F401
+                               NotConfigured, NotFound, PermanentError, RateLimited,
+                               RetryableError, TooLarge, backend_error)
 from mash import ids
 from mash.clock import BOOTTIME, from_epoch, iso, utcnow
 from mash.config import Settings
@@ -61,6 +64,8 @@ def _retry_after(resp: requests.Response) -> float:
 class BackendAPIClient:
     """One device's session with the backend. Thread-safe; tokens live in memory only."""
 
+    LOGIN_BACKOFF = (30.0, 900.0)     # s: after the first refused login, at most
+
     def __init__(self, settings: Settings | None = None, session: requests.Session | None = None):
         self.settings = settings or Settings.load()
         self.base = self.settings.api_base
@@ -73,6 +78,12 @@ class BackendAPIClient:
         self._access_exp = 0.0
         self._access_life = 0.0
         self._blocked_until = 0.0      # monotonic; set by a 429
+        # A refused login (a rotated password, a locked account) blocks every request until
+        # the next attempt is due: LOGIN_BACKOFF's first delay, doubled per refusal up to its
+        # second. Reset by a login or refresh that succeeds.
+        self.login_backoff = self.LOGIN_BACKOFF
+        self._auth_blocked_until = 0.0
+        self._auth_refusals = 0
         # (the backend's time, CLOCK_BOOTTIME) at its last answer with a Date header
         self.server_clock: tuple[float, float] | None = None
         self._online: bool | None = None
@@ -92,6 +103,16 @@ class BackendAPIClient:
     @property
     def blocked_for(self) -> float:
         return max(0.0, self._blocked_until - time.monotonic())
+
+    @property
+    def auth_blocked_for(self) -> float:
+        """Seconds until the next login attempt after a refused one (0: not blocked)."""
+        return max(0.0, self._auth_blocked_until - time.monotonic())
+
+    @property
+    def auth_refused(self) -> bool:
+        """The backend refused our last login (or our fresh session) and none has worked since."""
+        return self._auth_refusals > 0
 
     def _state(self, online: bool, why: str = "") -> None:
         if online != self._online:
@@ -116,13 +137,45 @@ class BackendAPIClient:
             self._refresh = refresh
         self._access_exp = exp
         self._access_life = max(1.0, exp - iat)
+        if self._auth_refusals:
+            log.info("backend accepts the device's credentials again")
+        self._auth_refusals = 0
+        self._auth_blocked_until = 0.0
 
-    def _login(self) -> None:
+    def _refused(self, exc: AuthError) -> AuthError:
+        """The backend refused our credentials (after a fresh login) or our fresh session:
+        block every request until the next login attempt is due, and say when that is."""
+        lo, hi = self.login_backoff
+        self._auth_refusals += 1
+        delay = min(hi, lo * 2 ** (self._auth_refusals - 1))
+        self._auth_blocked_until = time.monotonic() + delay
+        self._access = self._refresh = None        # the next attempt starts with a login
+        if self._auth_refusals == 1:
+            log.error("backend refuses the device's credentials (%s): nothing is sent, everything "
+                      "stays owed; logging in again in %.0f s, then less and less often", exc, delay)
+        else:
+            log.debug("login refused again; next attempt in %.0f s", delay)
+        return AuthError(str(exc), exc.status, retry_after=delay)
+
+    def _check_auth_block(self) -> None:
+        wait = self.auth_blocked_for
+        if wait > 0:
+            raise AuthError("backend refused the device's credentials; waiting before the "
+                            "next login attempt", 401, retry_after=wait)
+
+    def _login(self, force: bool = False) -> None:
+        """Log in; raises AuthError without sending while a refused login's backoff runs
+        (``force``: try now anyway, for an explicit ``login()``/``authenticate()``)."""
         if not self.enabled:
             raise NotConfigured("backend not configured (BACKEND_URL, DEVICE_EMAIL, DEVICE_PASSWORD)")
-        data = self._send("POST", "/auth/login", {"email": self.settings.device_email,
-                                                  "password": self.settings.device_password},
-                          auth=False)
+        if not force:
+            self._check_auth_block()
+        try:
+            data = self._send("POST", "/auth/login", {"email": self.settings.device_email,
+                                                      "password": self.settings.device_password},
+                              auth=False)
+        except AuthError as exc:
+            raise self._refused(exc) from None
         self._take_tokens(data)
         log.info("logged in to the backend as %s", self.settings.device_email)
 
@@ -152,23 +205,21 @@ class BackendAPIClient:
     def login(self) -> None:
         """Log in now; raises BackendError saying why (``mash doctor``)."""
         with self._lock:
-            self._login()
+            self._login(force=True)
 
     def device_registered(self) -> bool:
         """Does the backend know this device? (a read of its configuration: 404 if not)"""
         try:
             self._send("GET", f"/devices/{self.settings.device_id}/configuration")
             return True
-        except PermanentError as exc:
-            if exc.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
 
     def authenticate(self) -> bool:
         """Log in now (the guide's call). False, with a log line, when it cannot."""
         try:
             with self._lock:
-                self._login()
+                self._login(force=True)
             return True
         except BackendError as exc:
             log.error("backend authentication failed: %s", exc)
@@ -179,12 +230,13 @@ class BackendAPIClient:
               _retried: bool = False, timeout: float | None = None):
         hdrs = dict(headers or {})
         if auth:
+            self._check_auth_block()
             hdrs["Authorization"] = f"Bearer {self._ensure_token()}"
         # Checked last, right before sending: getting a token may have waited on another
         # thread's refresh, during which a 429 may have arrived.
         wait = self.blocked_for
         if wait > 0:
-            raise RetryableError(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
+            raise RateLimited(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
         try:
             resp = self.session.request(method, self.base + path, json=body, headers=hdrs,
                                         timeout=timeout or self.timeout)
@@ -205,24 +257,26 @@ class BackendAPIClient:
             except ValueError:
                 raise RetryableError(f"{method} {path}: answer is not JSON", status) from None
         message = _error_message(resp)
-        if status == 401:
-            if auth and not _retried:
+        error = backend_error(status, f"{method} {path}: {status} {message}")
+        if status == 401 and auth:
+            if not _retried:
                 log.info("backend answered 401 to %s %s; renewing the session once", method, path)
                 with self._lock:
                     self._refresh_tokens()
                 return self._send(method, path, body, auth, headers, _retried=True,
                                   timeout=timeout)
-            raise AuthError(f"{method} {path}: 401 {message}", status)
+            with self._lock:                 # a fresh session refused too: back off
+                raise self._refused(error) from None
         if status == 429:
             after = _retry_after(resp)
             self._blocked_until = max(self._blocked_until, time.monotonic() + after)
             log.warning("backend rate limit: no requests for %.0f s", after)
-            raise RetryableError(f"{method} {path}: 429 {message}", status, after)
-        if status >= 500:
+            raise RateLimited(str(error), status, after)
+        if isinstance(error, RetryableError) and not isinstance(error, AuthError):
             self._state(False, f"{status} on {method} {path}")
-            raise RetryableError(f"{method} {path}: {status} {message}", status)
-        self._state(True)
-        raise PermanentError(f"{method} {path}: {status} {message}", status)
+        else:
+            self._state(True)
+        raise error
 
     def _note_date(self, resp) -> None:
         """The backend's clock from its ``Date`` header (one-second resolution, so half a
@@ -242,10 +296,8 @@ class BackendAPIClient:
             return self._send("POST", "/devices", {"name": s.device_name, "type": "MUSHROOM_CHAMBER",
                                                    "serialNumber": s.device_id,
                                                    "firmware": "MASH Arduino v1.0"})
-        except PermanentError as exc:
-            if exc.status == 409:
-                return {"serialNumber": s.device_id, "alreadyRegistered": True}
-            raise
+        except Conflict:
+            return {"serialNumber": s.device_id, "alreadyRegistered": True}
 
     def update_status(self, status: str = "ONLINE", metadata: dict | None = None,
                       timeout: float | None = None) -> dict:

@@ -14,6 +14,7 @@ import os
 
 from mash import ids
 from mash.clock import from_epoch
+from mash.cloud.errors import SinkError, kind_for_status
 from mash.config import Settings
 
 log = logging.getLogger("mash.firebase")
@@ -22,8 +23,13 @@ log = logging.getLogger("mash.firebase")
 _APP_SEQ = itertools.count(1)
 
 
-class FirebaseError(Exception):
-    """Writing to Firebase failed; worth retrying later."""
+class FirebaseError(SinkError):
+    """Writing to Firebase failed; worth retrying later (``kind`` from the HTTP status, when
+    there was one: ``mash.cloud.errors``). Never the readings' fault: they stay owed."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message, status)
+        self.kind = kind_for_status(status)
 
 
 def reading_key(timestamp, previous: str | None = None) -> str:
@@ -72,7 +78,9 @@ class FirebaseSync:
         try:
             return fn()
         except Exception as exc:    # firebase-admin raises its own, requests' and ValueError
-            raise FirebaseError(f"Firebase {what} failed: {exc.__class__.__name__}: {exc}") from exc
+            status = getattr(getattr(exc, "http_response", None), "status_code", None)
+            raise FirebaseError(f"Firebase {what} failed: {exc.__class__.__name__}: {exc}",
+                                status) from exc
 
     def write_readings(self, readings: list[dict]) -> int:
         """One multi-path update for the whole batch; raises FirebaseError."""

@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mash.clock import iso, utcnow
+from mash.cloud.errors import AUTH, kind_for_connack
 from mash.config import Settings
 from mash.contract import MAX_PARSE_BYTES, ROOMS
 
@@ -140,6 +141,7 @@ class MQTTClient:
         self._pending: dict[int, callable] = {}    # mid -> on_confirm
         self._confirmed_early: set[int] = set()
         self.last_error: str | None = None
+        self.last_error_kind: str | None = None     # mash.cloud.errors: auth or offline
         self._started = False
         self._closing = False
         self.status_extra = lambda: {}
@@ -171,11 +173,13 @@ class MQTTClient:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             reason = str(reason_code)
+            kind = kind_for_connack(reason_code.value)
             if reason != self.last_error:
-                log.error("MQTT broker refused the connection: %s", reason)
-            self.last_error = reason
+                log.error("MQTT broker refused %s: %s", "our credentials" if kind == AUTH
+                          else "the connection", reason)
+            self.last_error, self.last_error_kind = reason, kind
             return
-        self.last_error = None
+        self.last_error = self.last_error_kind = None
         client.subscribe(self.topic("commands"), qos=1)
         log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
         self.publish_status("online")

@@ -4,7 +4,8 @@ Every endpoint of CONTRACT.md section 2 under ``/api/v1``, with the validation, 
 lifetimes and 429s of the real one, persisted to SQLite through peewee. It is what local runs
 and the tests talk to over real HTTP. Faithful, not convenient: it rejects what the real
 backend would reject. Admin endpoints (``/api/v1/admin/...``, no auth, loopback only) issue
-commands, inspect what arrived and switch faults on (503s, latency, dropped connections).
+commands, inspect what arrived and switch faults on (503s, latency, dropped connections, 401s
+to everything for a while, readings refused with a 400, a lower per-request limit).
 """
 from __future__ import annotations
 

@@ -39,15 +39,53 @@ class Faults:
         self.fail_next = 0
         self.fail_after = 0          # let this many requests through before fail_next starts
         self.fail_status = 503
+        self.fail_path = ""          # fail_next only for paths containing this ("": any)
         self.latency = 0.0
         self.drop_until = 0.0
         self.bare = False            # answer bodies without the envelope
+        # 401 to every request (login and refresh included) for unauthorized_for seconds,
+        # counted from the first request it refuses, after letting unauthorized_after through
+        self.unauthorized_for = 0.0
+        self.unauthorized_after = 0
+        self.unauthorized_until = 0.0
+        self.unauthorized: deque = deque(maxlen=1000)     # "METHOD path" of each refused request
+        # readings refused with a 400 (the whole request, naming the reading): by id, or any
+        # of temperature/humidity/co2 equal to refuse_value
+        self.refuse_ids: set[str] = set()
+        self.refuse_value: float | None = None
+        self.max_readings = MAX_READINGS     # 413 above this many readings per request
+
+    def refuses_auth(self, what: str) -> bool:
+        """Is this request answered 401 by the switch? (called once per request)"""
+        now = time.monotonic()
+        if self.unauthorized_for > 0 and not self.unauthorized_until:
+            if self.unauthorized_after > 0:
+                self.unauthorized_after -= 1
+                return False
+            self.unauthorized_until = now + self.unauthorized_for
+        if self.unauthorized_until > now:
+            self.unauthorized.append(what)
+            return True
+        if self.unauthorized_until:
+            self.unauthorized_for, self.unauthorized_until = 0.0, 0.0
+        return False
+
+    def refused_reading(self, reading: dict) -> bool:
+        return reading.get("id") in self.refuse_ids or (
+            self.refuse_value is not None and self.refuse_value in
+            (reading.get("temperature"), reading.get("humidity"), reading.get("co2")))
 
     def as_dict(self):
+        now = time.monotonic()
         return {"fail_next": self.fail_next, "fail_after": self.fail_after,
-                "fail_status": self.fail_status,
-                "latency": self.latency, "drop_for": max(0.0, self.drop_until - time.monotonic()),
-                "bare": self.bare}
+                "fail_status": self.fail_status, "fail_path": self.fail_path,
+                "latency": self.latency, "drop_for": max(0.0, self.drop_until - now),
+                "bare": self.bare,
+                "unauthorized_for": (max(0.0, self.unauthorized_until - now)
+                                     if self.unauthorized_until else self.unauthorized_for),
+                "unauthorized": list(self.unauthorized),
+                "refuse_ids": sorted(self.refuse_ids), "refuse_value": self.refuse_value,
+                "max_readings": self.max_readings}
 
 
 class Backend:
@@ -71,6 +109,7 @@ class Backend:
         self.requests = 0
         self.foreign_acks: deque = deque(maxlen=1000)
         self.history: deque = deque(maxlen=20000)   # (t, client, status, retry_after, path, arrived)
+        self.uploads: deque = deque(maxlen=1000)    # (readings, status) of each POST /sensors/data
         for email, password in users:
             if not User.select().where(User.email == email).exists():
                 User.create(email=email, password_hash=hash_password(password))
@@ -197,6 +236,16 @@ class Backend:
         return 200, self._device_json(Device.get_by_id(device.id))
 
     def ingest(self, body, key: str | None) -> tuple[int, dict]:
+        readings = body.get("readings")
+        try:
+            status, payload = self._ingest(body, key)
+        except HTTPError as err:
+            self.uploads.append((len(readings) if isinstance(readings, list) else 0, err.status))
+            raise
+        self.uploads.append((len(readings), status))
+        return status, payload
+
+    def _ingest(self, body, key: str | None) -> tuple[int, dict]:
         if not key or len(key) > 200:
             raise HTTPError(400, "Idempotency-Key header is required (at most 200 characters)")
         device_id, readings = body.get("deviceId"), body.get("readings")
@@ -204,8 +253,8 @@ class Backend:
             raise HTTPError(400, "deviceId must be a non-empty string")
         if not isinstance(readings, list) or not readings:
             raise HTTPError(400, "readings must be a non-empty array")
-        if len(readings) > MAX_READINGS:
-            raise HTTPError(413, f"at most {MAX_READINGS} readings per request")
+        if len(readings) > self.faults.max_readings:
+            raise HTTPError(413, f"at most {self.faults.max_readings} readings per request")
         self._device(device_id)
         cached = IdempotentResponse.get_or_none(IdempotentResponse.key == f"{device_id}:{key}")
         if cached:
@@ -224,6 +273,8 @@ class Backend:
                     raise HTTPError(400, f"{where}.{field} must be a number")
             if not _is_iso(r.get("timestamp")):
                 raise HTTPError(400, f"{where}.timestamp must be an ISO 8601 date string")
+            if self.faults.refused_reading(r):
+                raise HTTPError(400, f"{where} (id {r['id']}) refused: value not plausible")
             rows.append((device_id, r["id"], r["room"], r["temperature"], r["humidity"], r["co2"],
                          r["timestamp"]))
         with devdb.atomic():
@@ -332,6 +383,7 @@ class Backend:
             "requests": self.requests,
             "history": list(self.history),
             "foreign_acks": list(self.foreign_acks),
+            "uploads": list(self.uploads),
             "faults": self.faults.as_dict(),
         }
 
@@ -341,6 +393,18 @@ class Backend:
             f.fail_next = int(body["fail_next"])
             f.fail_after = int(body.get("fail_after", 0))
             f.fail_status = int(body.get("fail_status", 503))
+            f.fail_path = str(body.get("fail_path", ""))
+        if "unauthorized_for" in body:
+            f.unauthorized_for = float(body["unauthorized_for"])
+            f.unauthorized_after = int(body.get("unauthorized_after", 0))
+            f.unauthorized_until = 0.0
+            f.unauthorized.clear()
+        if "refuse_ids" in body:
+            f.refuse_ids = {str(i) for i in body["refuse_ids"]}
+        if "refuse_value" in body:
+            f.refuse_value = None if body["refuse_value"] is None else float(body["refuse_value"])
+        if "max_readings" in body:
+            f.max_readings = int(body["max_readings"])
         if "latency" in body:
             f.latency = float(body["latency"])
         if "drop_for" in body:

@@ -87,11 +87,16 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(status, payload, path=path)
             with b.lock:
                 b.requests += 1
-                if b.faults.fail_next > 0 and b.faults.fail_after > 0:
-                    b.faults.fail_after -= 1
-                elif b.faults.fail_next > 0:
-                    b.faults.fail_next -= 1
-                    raise HTTPError(b.faults.fail_status, "Service temporarily unavailable")
+                f = b.faults
+                if f.fail_next > 0 and f.fail_path not in path:
+                    pass
+                elif f.fail_next > 0 and f.fail_after > 0:
+                    f.fail_after -= 1
+                elif f.fail_next > 0:
+                    f.fail_next -= 1
+                    raise HTTPError(f.fail_status, "Service temporarily unavailable")
+                if f.refuses_auth(f"{method} {path[len(PREFIX):]}"):
+                    raise HTTPError(401, "Unauthorized")
             if not path.startswith(PREFIX + "/"):
                 raise HTTPError(404, f"Cannot {method} {path}")
             sub = path[len(PREFIX):]

@@ -9,10 +9,12 @@ import secrets
 from peewee import (CharField, DateTimeField, FloatField, IntegerField, Model, SqliteDatabase,
                     TextField)
 
+from mash.contract import MAX_READINGS_PER_REQUEST
+
 
 devdb = SqliteDatabase(None)
 MAX_BODY = 5 * 1024 * 1024
-MAX_READINGS = 1000
+MAX_READINGS = MAX_READINGS_PER_REQUEST
 
 
 class _M(Model):

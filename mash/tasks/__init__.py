@@ -122,10 +122,11 @@ def periodic_jobs() -> list[Periodic]:
         Periodic("heartbeat", heartbeat),
         Periodic("pull_configuration", pull_configuration, interval="config",
                  due=lambda ctx: ctx.backend is not None or ctx.firebase is not None),
-        Periodic("deliver", deliver, due=lambda ctx: ctx.store.has_undelivered()),
+        # owed to a sink that is configured (and reachable: MQTT's reconnect wakes it)
+        Periodic("deliver", deliver, due=delivery.due),
         # another process committed: deliver now what should not wait for the sweep
         Periodic("deliver_now", deliver, interval="deliver",
-                 due=lambda ctx: ctx.store.has_undelivered(urgent_only=True)),
+                 due=lambda ctx: delivery.due(ctx, urgent_only=True)),
     ]
 
 

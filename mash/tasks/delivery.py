@@ -3,8 +3,12 @@
 Every item is owed once to each sink. The backend is told with a request and the item is
 marked done on its 2xx; MQTT is told with a QoS 1 publish and the item is marked done when
 the broker's PUBACK arrives (paho keeps unconfirmed messages in memory only, so SQLite is
-the durable copy). A permanent refusal (a 404 for a command the backend never knew) is
-recorded, not retried; a retryable failure propagates for Huey's retry.
+the durable copy). What a failure means is decided in ``mash.cloud.errors``: the backend
+saying the item is wrong (400/413/422, a 404 for a command it never knew) is recorded, not
+retried; the sink failing (offline, rate limited, our credentials refused) leaves every item
+owed and propagates for Huey's retry, after MQTT had its turn. A sink that is not configured
+is owed its items until it is: nothing is dropped, and ``due`` does not count them, so the
+scheduler does not enqueue deliveries for a sink that is off.
 
 One sweep at a time across processes (the Huey lock the caller holds); a delivery asked for
 while one runs makes the running sweep go round again instead of waiting (``sweep``).
@@ -16,7 +20,7 @@ import logging
 
 from huey.exceptions import TaskLockedException
 
-from mash.cloud.errors import PermanentError
+from mash.cloud.errors import BackendError, NotFound, PermanentError
 from mash.models import ACK, ALERT
 from mash.tasks.sync import backend_call, ensure_registered
 
@@ -46,9 +50,30 @@ def sweep(ctx, lock) -> int:
 
 
 def deliver_owed(ctx) -> int:
-    """One pass over what each sink is owed."""
+    """One pass over what each sink is owed. A backend failure does not hold MQTT back: it
+    is raised after MQTT's turn."""
     record_confirmed(ctx)
-    return _to_backend(ctx) + _to_mqtt(ctx)
+    try:
+        done = _to_backend(ctx)
+    except BackendError as exc:
+        _to_mqtt(ctx)
+        raise exc from None
+    return done + _to_mqtt(ctx)
+
+
+def sinks_to_sweep(ctx) -> tuple[str, ...]:
+    """The sinks a sweep can deliver to now: configured (and MQTT connected: its reconnect
+    wakes the sweep)."""
+    return tuple(name for name, on in (("backend", ctx.backend is not None),
+                                       ("mqtt", ctx.mqtt is not None and ctx.mqtt.is_alive()))
+                 if on)
+
+
+def due(ctx, urgent_only: bool = False) -> bool:
+    """Is anything owed to a sink the sweep can deliver to now? (a read; the scheduler's
+    ``deliver`` check). Items owed to a sink that is off wait, uncounted here."""
+    sinks = sinks_to_sweep(ctx)
+    return bool(sinks) and ctx.store.has_undelivered(urgent_only=urgent_only, sinks=sinks)
 
 
 def record_confirmed(ctx) -> int:
@@ -61,47 +86,59 @@ def record_confirmed(ctx) -> int:
 
 def _to_backend(ctx) -> int:
     store, done = ctx.store, 0
-    owed = store.owed("backend")
     if ctx.backend is None:
-        if owed:
-            store.delivered_many([item.id for item in owed], "backend not configured")
-        return len(owed)
+        return 0                # owed until the backend is configured
+    owed = store.owed("backend")
     marks = []            # recorded together at the end of the pass: one commit, not one each
+    reregistered = False
     try:
-        for item in owed:
+        i = 0
+        while i < len(owed):
+            item = owed[i]
             try:
                 backend_call(ctx, _send, ctx, item)
-            except PermanentError as exc:
-                marks.append((item.id, str(exc)[:300]))
-                if not item.ref.startswith("auto-"):    # the backend never knows those
-                    log.warning("backend refused the %s %s: %s", item.kind, item.ref, exc)
-                continue
-            marks.append((item.id, None))
-            done += 1
+            except NotFound as exc:
+                if item.kind == ALERT:      # the backend forgot the device
+                    if reregistered:
+                        log.error("backend answers 404 to alerts even after registering the "
+                                  "device again (%s); they stay owed", exc)
+                        break
+                    log.warning("backend answered 404 to an alert (%s); registering the device "
+                                "again", exc)
+                    reregistered, ctx.registered = True, False
+                    continue                # the same item again (_send registers first)
+                _refused(marks, item, exc)  # an ack of a command the backend never knew
+            except PermanentError as exc:   # the item itself is wrong: recorded, not retried
+                _refused(marks, item, exc)
+            else:
+                marks.append((item.id, None))
+                done += 1
+            i += 1
     finally:
         if marks:
             store.delivered_each(marks)
     return done
 
 
+def _refused(marks: list, item, exc: PermanentError) -> None:
+    marks.append((item.id, str(exc)[:300]))
+    if not item.ref.startswith("auto-"):    # the backend never knows those
+        log.warning("backend refused the %s %s: %s", item.kind, item.ref, exc)
+
+
 def _send(ctx, item) -> None:
     m = item.message
+    ensure_registered(ctx)      # else the backend's 404 (device unknown) reads as "command unknown"
     if item.kind == ACK:
         ctx.backend.ack_command(m["id"], m["status"], m["response"], m["timestamp"])
     elif item.kind == ALERT:
-        ensure_registered(ctx)
         ctx.backend.trigger_alert(m["type"], m["message"], m["severity"], m["room"],
                                   m["value"], m["threshold"], m["timestamp"])
 
 
 def _to_mqtt(ctx) -> int:
     store, mqtt = ctx.store, ctx.mqtt
-    if mqtt is None:
-        owed = store.owed("mqtt")
-        if owed:
-            store.delivered_many([item.id for item in owed], "MQTT not configured")
-        return len(owed)
-    if not mqtt.is_alive():
+    if mqtt is None or not mqtt.is_alive():      # owed until configured and connected
         return 0
     sent = 0
     owed = store.owed("mqtt")

@@ -36,10 +36,13 @@ def make_huey(path) -> SqliteHuey:
 def run_job(job, ctx):
     """Run ``job(ctx)``, turning an expected cloud failure into a Huey retry.
 
-    A 429 retries after exactly its Retry-After; any other RetryableError uses the task's
-    own ``retries``/``retry_delay``/``retry_backoff``. Neither prints a traceback: the
-    clients and jobs log one line per state change (offline, online), and the traceback is
-    there at DEBUG."""
+    An error that says when to try again (``retry_after``: a 429's Retry-After, the backend
+    client's login backoff after our credentials were refused) retries exactly then, for as
+    long as it takes: the work stays owed, and the backoff, not a retry count, keeps it from
+    hammering. Any other RetryableError uses the task's own ``retries``/``retry_delay``/
+    ``retry_backoff``. Neither prints a traceback: the clients and jobs log one line per
+    state change (offline, online, credentials refused), and the traceback is there at
+    DEBUG."""
     try:
         return job(ctx)
     except RetryableError as exc:

@@ -1,38 +1,82 @@
 """Readings out: the backend drain and the Firebase backup, each with its own progress.
 
 Each job sweeps the store and marks readings done only after the sink confirmed them, so it
-can be killed at any point and simply run again. Retryable failures are raised for Huey to
-retry with backoff; permanent ones are recorded and skipped so they never block what is
-behind.
+can be killed at any point and simply run again. What a failure means is decided in
+``mash.cloud.errors``: when the sink failed (offline, rate limited, our credentials refused)
+every reading stays owed and the error is raised for Huey to retry with backoff; when the
+backend says the data is wrong, only the readings it refuses are set aside (``synced = -1``,
+with its reason), so they never block what is behind.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from mash import ids
+from mash.alerts import AlertEvent
 from mash.clock import iso
-from mash.cloud.errors import PermanentError, RetryableError
+from mash.cloud.errors import (AuthError, BadRequest, NotFound, PermanentError, RetryableError,
+                               TooLarge)
 from mash.cloud.firebase import FirebaseError
+from mash.contract import MAX_READINGS_PER_REQUEST
 
 log = logging.getLogger("mash.worker")
 
 FIREBASE_BATCH = 500
+AUTH_ALERT = "backend_auth"
+# CRITICAL: it does not mend itself when the password was rotated or the account locked, and
+# until a person acts nothing reaches the backend and no remote command arrives (the store
+# keeps everything, and the climate control goes on).
+AUTH_ALERT_SEVERITY = "CRITICAL"
+_auth_alert_lock = threading.Lock()     # the worker's two threads may both meet the 401
 
 
 def backend_call(ctx, fn, *args, **kwargs):
-    """Call the backend, keeping the sink's state in the store (``mash status``). The client
-    itself logs the one line per change of state (online / offline)."""
+    """Call the backend, keeping the sink's state in the store (``mash status``) and the
+    ``backend_auth`` alert: raised once when the backend refuses our credentials, cleared by
+    the first answer after a login works again. The client itself logs the one line per
+    change of state (online / offline / credentials refused)."""
     try:
         result = fn(*args, **kwargs)
     except RetryableError as exc:
         if ctx.store.sink_failed("backend", str(exc)):
             log.debug("backend recorded offline: %s", exc)
+        if isinstance(exc, AuthError):
+            _auth_alert(ctx, True, exc)
         raise
     if ctx.store.sink_ok("backend"):
         log.debug("backend recorded online")
+    _auth_alert(ctx, False)
     ctx.note_backend_time()
     return result
+
+
+def _auth_alert(ctx, refused: bool, exc: AuthError | None = None) -> None:
+    """Raise or clear ``backend_auth`` on a change (a store read once per process to learn
+    whether an earlier run left it raised, then ``ctx.auth_alert`` remembers)."""
+    if getattr(ctx, "auth_alert", None) is refused:
+        return                              # no change: no read, no write
+    with _auth_alert_lock:
+        _auth_alert_change(ctx, refused, exc)
+
+
+def _auth_alert_change(ctx, refused: bool, exc: AuthError | None) -> None:
+    raised = getattr(ctx, "auth_alert", None)
+    if raised is None:
+        raised = (None, AUTH_ALERT) in ctx.store.active_alert_keys()
+    if refused and not raised:
+        ctx.store.add_alerts([AlertEvent(
+            AUTH_ALERT, AUTH_ALERT_SEVERITY, None, exc.status, None, "raised",
+            f"the backend refuses the device's credentials ({exc}): readings, alerts and acks "
+            "wait in the store until a login works again")])
+        raised = True
+    elif not refused and raised:
+        ctx.store.add_alerts([AlertEvent(AUTH_ALERT, AUTH_ALERT_SEVERITY, None, None, None,
+                                         "cleared", "the backend accepts the device's "
+                                                    "credentials again")])
+        raised = False
+    ctx.auth_alert = raised
 
 
 def ensure_registered(ctx) -> None:
@@ -48,61 +92,152 @@ def reading_json(store, row) -> dict:
             "humidity": row.humidity, "co2": row.co2, "timestamp": iso(row.timestamp)}
 
 
+class _Drain:
+    """One run's state: the request size (halved by a 413, for the rest of the run), whether
+    the device was registered again (at most once per run), what was refused."""
+
+    def __init__(self, ctx):
+        self.ctx, self.store = ctx, ctx.store
+        self.size = min(ctx.settings.batch_size, MAX_READINGS_PER_REQUEST)
+        self.large = min(max(self.size, ctx.drain_batch), MAX_READINGS_PER_REQUEST)
+        self.cap = MAX_READINGS_PER_REQUEST
+        self.reregistered = False
+        self.sent = 0
+        self.rejected: list[tuple[int, str]] = []
+
+    def limit(self, backlog: int) -> int:
+        return min(self.cap, self.large if backlog > 4 * self.size else self.size)
+
+    def send(self, rows) -> None:
+        """Upload ``rows`` in requests of at most ``cap``; a 413 halves the request, a
+        400/422 bisects it until the refused readings are isolated (each then marked
+        rejected with the backend's reason). Anything else propagates."""
+        i = 0
+        while i < len(rows):
+            part = rows[i:i + self.cap]
+            self._send_part(part)
+            i += len(part)
+
+    def _send_part(self, rows) -> None:
+        readings = [reading_json(self.store, r) for r in rows]
+        try:
+            backend_call(self.ctx, self.ctx.backend.upload_readings, readings,
+                         ids.batch_key([r["id"] for r in readings]))
+        except TooLarge as exc:
+            if len(rows) == 1:
+                return self._reject(rows[0], exc)
+            half = (len(rows) + 1) // 2
+            if self.cap > half:
+                log.info("backend refused %d readings in one request as too large (413); "
+                         "sending at most %d at a time for the rest of this run", len(rows), half)
+                self.cap = half
+            return self.send(rows)
+        except BadRequest as exc:
+            if len(rows) == 1:
+                return self._reject(rows[0], exc)
+            half = (len(rows) + 1) // 2
+            self._send_part(rows[:half])
+            self._send_part(rows[half:])
+            return None
+        self.store.mark_synced([r.id for r in rows])
+        self.sent += len(rows)
+        return None
+
+    def _reject(self, row, exc: PermanentError) -> None:
+        self.store.mark_rejected([row.id], str(exc))
+        self.rejected.append((row.id, str(exc)))
+
+    def report(self) -> None:
+        """One line for what the backend refused in this run, however many."""
+        if self.rejected:
+            first_id, reason = self.rejected[0]
+            log.error("backend refused %d reading(s) (first: row %d: %s); they are kept and "
+                      "marked rejected, the rest goes on", len(self.rejected), first_id, reason)
+
+
 def sync_readings(ctx) -> int:
     """Upload the backlog as it stands now, oldest first. Returns how many were accepted.
 
     Readings that arrive during the drain are the next run's, or a steady stream would keep
     one run going for ever. A large backlog goes in larger requests (``drain_batch``): per
-    request cost (latency, the rate limit) dominates, not bytes. One failed batch does not
-    stop the drain; the run ends by raising so Huey's retry picks it up. A 429, or two
-    failures in a row, stop it at once."""
+    request cost (latency, the rate limit) dominates, not bytes; no request carries more
+    than the backend takes (``MAX_READINGS_PER_REQUEST``). One failed batch (offline) does
+    not stop the drain; the run ends by raising so Huey's retry picks it up. A 429, our
+    credentials refused, or two failures in a row, stop it at once. A 404 (the backend
+    forgot the device) registers it again once per run; a second 404 ends the run with
+    every reading still owed."""
     if ctx.backend is None:
         return 0
-    store, size = ctx.store, ctx.settings.batch_size
+    store = ctx.store
     ensure_registered(ctx)
-    started, sent, after = time.monotonic(), 0, 0
+    run = _Drain(ctx)
+    started, after = time.monotonic(), 0
     failures, failed_last = [], False
     backlog = store.pending_count()
     upto = store.last_reading_id()
-    while True:
-        limit = max(size, ctx.drain_batch) if backlog > 4 * size else size
-        batch = store.unsynced(limit, after_id=after, upto=upto)
-        if not batch:
-            break
-        row_ids = [r.id for r in batch]
-        readings = [reading_json(store, r) for r in batch]
-        try:
-            backend_call(ctx, ctx.backend.upload_readings, readings,
-                         ids.batch_key([r["id"] for r in readings]))
-        except RetryableError as exc:
-            failures.append(exc)
-            if exc.status == 429 or len(failures) >= 2 and failed_last:
-                raise
-            failed_last = True
-            after = row_ids[-1]
-            continue
-        except PermanentError as exc:
-            if exc.status == 404 and ctx.registered:      # the backend forgot the device
-                ctx.registered = False
-                ensure_registered(ctx)
+    try:
+        while True:
+            batch = store.unsynced(run.limit(backlog), after_id=after, upto=upto)
+            if not batch:
+                break
+            try:
+                run.send(batch)
+            except AuthError:
+                raise                       # cannot talk now: every reading stays owed
+            except RetryableError as exc:
+                failures.append(exc)
+                if exc.status == 429 or len(failures) >= 2 and failed_last:
+                    raise
+                failed_last = True
+                after = batch[-1].id
                 continue
-            store.mark_rejected(row_ids, str(exc))
-            log.error("backend refused %d readings (ids %d-%d): %s; they are kept and marked "
-                      "rejected, the rest goes on", len(row_ids), row_ids[0], row_ids[-1], exc)
-        else:
-            store.mark_synced(row_ids)
-            sent += len(row_ids)
-        failed_last = False
-        after = row_ids[-1]
-        backlog = max(0, backlog - len(row_ids))
-    if sent:
+            except NotFound as exc:
+                if not _register_again(ctx, run, exc):
+                    break
+                continue                    # the same batch (less what went through) again
+            except PermanentError as exc:   # the request itself is wrong, not these readings
+                if store.sink_failed("backend", str(exc)):
+                    log.error("backend refuses the upload itself (%s); the readings stay owed", exc)
+                break
+            failed_last = False
+            after = batch[-1].id
+            backlog = max(0, backlog - len(batch))
+    finally:
+        run.report()
+    if run.sent and getattr(ctx, "uploads_gone", False):
+        log.info("backend takes uploads again")
+        ctx.uploads_gone = False
+    if run.sent >= 1000:
         took = time.monotonic() - started
-        if sent >= 1000:
-            log.info("backlog drained: %d readings in %.1f s (%.0f readings/s)", sent, took,
-                     sent / max(took, 1e-6))
+        log.info("backlog drained: %d readings in %.1f s (%.0f readings/s)", run.sent, took,
+                 run.sent / max(took, 1e-6))
     if failures:
         raise failures[-1]
-    return sent
+    return run.sent
+
+
+def _register_again(ctx, run: _Drain, exc: NotFound) -> bool:
+    """After a 404 to an upload: register the device again, once per run. False when that
+    was done already or did not help: the run ends, the readings stay owed, and the next
+    run (``SYNC_INTERVAL``) tries once more. One log line when this state begins
+    (``ctx.uploads_gone``), one when an upload goes through again."""
+    gone = getattr(ctx, "uploads_gone", False)
+    if not run.reregistered:
+        run.reregistered = True
+        ctx.registered = False
+        (log.debug if gone else log.warning)(
+            "backend answered 404 to an upload (%s); registering the device again", exc)
+        try:
+            ensure_registered(ctx)
+            return True
+        except NotFound as again:
+            exc = again
+    ctx.store.sink_failed("backend", f"404 after registering again: {exc}")
+    if not gone:
+        log.error("backend answers 404 to uploads even after registering the device again (%s); "
+                  "the readings stay owed, tried again once per sync run", exc)
+        ctx.uploads_gone = True
+    return False
 
 
 def backup_firebase(ctx) -> int:
@@ -121,10 +256,10 @@ def backup_firebase(ctx) -> int:
         try:
             fb.write_readings([{"room": r.room, "key": r.fb_key, "temperature": r.temperature,
                                 "humidity": r.humidity, "co2": r.co2} for r in rows])
-        except FirebaseError as exc:
+        except FirebaseError as exc:      # never the readings' fault: they stay owed
             if store.sink_failed("firebase", str(exc)):
                 log.warning("Firebase unreachable: %s", exc)
-            raise RetryableError(str(exc)) from exc
+            raise RetryableError(str(exc), exc.status) from exc
         progress = rows[-1].id
         if store.sink_ok("firebase", progress=progress):
             log.info("Firebase reachable")
