@@ -6,7 +6,7 @@ Freed pages are reused by new rows, so the file stops growing rather than shrink
 """
 from __future__ import annotations
 
-from mash.models.schema import SYNCED
+from mash.models.schema import LOCAL, SYNCED
 
 
 def used_bytes(store) -> int:
@@ -18,8 +18,9 @@ def used_bytes(store) -> int:
 def enforce_budget(store, max_bytes: int, firebase_on: bool = False, chunk: int = 2000) -> dict:
     """Keep ``store`` under ``max_bytes``; returns ``{used_mb, max_mb, over, deleted}``.
 
-    Deletes only readings synced to the backend (and backed up to Firebase when it is on),
-    never the newest row (row ids must never be reused)."""
+    Deletes only readings synced to the backend (and backed up to Firebase when it is on)
+    or local only (a simulated board's, never sent), never the newest row (row ids must
+    never be reused)."""
     S = store.m.SensorData
     used = used_bytes(store)
     deleted = 0
@@ -27,7 +28,7 @@ def enforce_budget(store, max_bytes: int, firebase_on: bool = False, chunk: int 
     limit_id = store.sink("firebase").progress if firebase_on else newest
     while used > max_bytes:
         doomed = [r.id for r in S.select(S.id)
-                  .where((S.synced == SYNCED) & (S.id < newest) & (S.id <= limit_id))
+                  .where(S.synced.in_((SYNCED, LOCAL)) & (S.id < newest) & (S.id <= limit_id))
                   .order_by(S.id).limit(chunk)]
         if not doomed:
             break
