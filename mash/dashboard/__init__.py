@@ -32,7 +32,7 @@ from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
 from mash.dashboard import actions, auth, charts, data
-from mash.logs import start_process
+from mash.logs import OncePerKind, start_process
 from mash.models import Store
 
 log = logging.getLogger("mash.dashboard")
@@ -66,6 +66,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
     app = Flask(__name__)
     app.session_interface = auth.StoreKeyedSessions(store)
     names = auth.own_names(settings.dashboard_host)
+    foreign = OncePerKind(log, "dashboard: refused a request for a Host that is not this "
+                               "machine's name (DNS rebinding?)")
     app.config.update(SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_NAME="mash_session",
                       PERMANENT_SESSION_LIFETIME=dt.timedelta(days=7), JSON_SORT_KEYS=False)
@@ -107,8 +109,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
     def door():
         """Before any route (static files too): the Host, then the passwordless rule."""
         if not auth.known_host(auth.host_name(request.headers.get("Host")), names):
-            log.warning("dashboard: refused a request for Host %r from %s (not this machine's "
-                        "name: DNS rebinding?)", (request.headers.get("Host") or "")[:100], client())
+            if len(foreign.seen) < 100:               # one line per name, a bounded few
+                foreign(repr((request.headers.get("Host") or "")[:100]), f"from {client()}")
             return refused("this dashboard answers to this machine's own names and addresses only")
         if not auth.has_password(store) and not direct_local():
             return refused("no dashboard password is set, so only a direct request from this "
