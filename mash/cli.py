@@ -14,7 +14,7 @@ from mash.config import ConfigError, Settings
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
-from mash.logs import setup_logging
+from mash.logs import setup_logging, start_process
 from mash.models import Store
 from mash.models.stats import SINK_WORDS, sink_states
 
@@ -132,6 +132,8 @@ def status_lines(stats: dict) -> list[str]:
     if stats["clock_held_readings"]:
         lines.append(f"clock:    not synchronized yet: {stats['clock_held_readings']} readings held "
                      "until it is (NTP, or the backend's time)")
+    if stats.get("local_records"):
+        lines.append(f"local:    {stats['local_records']} simulated readings, never sent (SIM_SYNC=0)")
     if stats["rejected_records"]:
         lines.append(f"rejected: {stats['rejected_records']} (mash sync --retry-rejected sends them again)")
     lines.append(f"firebase lag: {stats['firebase_lag_records']} readings")
@@ -167,8 +169,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    settings = Settings.load()
-    setup_logging(settings.log_level)
+    settings = start_process()          # the umask: set-password may be what makes the store
+    if settings is None:
+        return 2
     if args.action == "set-password":
         return set_dashboard_password(Store(settings.db_path))
     return dashboard.serve(settings)
@@ -188,7 +191,8 @@ def set_dashboard_password(store: Store, stdin=sys.stdin, out=sys.stderr) -> int
     except dashboard_auth.PasswordError as exc:
         print(f"{exc}: nothing changed", file=out)
         return 2
-    print("dashboard password set (stored as a salted scrypt hash)", file=out)
+    print("dashboard password set (stored as a salted scrypt hash); every session is logged out",
+          file=out)
     return 0
 
 

@@ -117,6 +117,8 @@ class Settings:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
     config_pull_interval: int = 600
+    sim_sync: bool = False          # SIM_SYNC: a simulated board's readings go to the sinks too
+    simulated_board: bool = False   # MASH_SIMULATED_BOARD: SERIAL_PORT is a simulated board's pty
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -257,9 +259,20 @@ class Settings:
             raise ConfigError("CLOCK_SYNC", "must be auto (wait for NTP or the backend's time) or "
                                             "trust (the clock is right from boot)", clock_sync)
 
+        mqtt_broker, mqtt_tls = text("MQTT_BROKER"), flag("MQTT_TLS", True)
+        if mqtt_broker and not mqtt_tls and not is_loopback(mqtt_broker):
+            # the broker password (and every command) would cross the network in clear
+            raise ConfigError("MQTT_TLS", "plain MQTT is refused except for a broker on this "
+                                          f"machine (MQTT_BROKER={mqtt_broker})", "0")
+
         fb_url = text("FIREBASE_DATABASE_URL")
-        if fb_url and not urlsplit(fb_url).scheme.startswith("http"):
-            raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
+        if fb_url:
+            parts = urlsplit(fb_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
+            if parts.scheme == "http" and not is_loopback(parts.hostname):
+                raise ConfigError("FIREBASE_DATABASE_URL", "plain http is refused except on a "
+                                  "loopback host (an emulator)", fb_url)
 
         return cls(
             device_id=device_id,
@@ -269,12 +282,12 @@ class Settings:
             backend_url=backend_url,
             backend_allow_insecure=insecure,
             backend_timeout=backend_timeout,
-            mqtt_broker=text("MQTT_BROKER"),
+            mqtt_broker=mqtt_broker,
             mqtt_port=integer("MQTT_PORT", 8883, 1, 65535),
             mqtt_username=text("MQTT_USERNAME"),
             mqtt_password=text("MQTT_PASSWORD"),
             mqtt_ca_certs=ca,
-            mqtt_tls=flag("MQTT_TLS", True),
+            mqtt_tls=mqtt_tls,
             mqtt_qos=qos,
             firebase_database_url=fb_url,
             firebase_credentials=text("FIREBASE_CREDENTIALS", cls.firebase_credentials),
@@ -298,4 +311,6 @@ class Settings:
             dashboard_host=text("DASHBOARD_HOST", "127.0.0.1"),
             dashboard_port=integer("DASHBOARD_PORT", 8080, 0, 65535),
             config_pull_interval=integer("CONFIG_PULL_INTERVAL", 600, 10, 86400),
+            sim_sync=flag("SIM_SYNC", False),
+            simulated_board=flag("MASH_SIMULATED_BOARD", False),
         )

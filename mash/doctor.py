@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +75,7 @@ class Doctor:
         yield from self.serial()
         yield from self.clock()
         yield from self.store()
+        yield from self.file_modes()
         yield from self.backend()
         yield from self.mqtt()
         yield from self.firebase()
@@ -89,8 +92,9 @@ class Doctor:
         port = s.serial_port or find_board() or (reader_board.get("port") if
                                                  reader_board.get("connected") else None)
         if not port:
-            yield Check("serial port", False, "no board found (no /dev/ttyACM* or /dev/ttyUSB*)",
-                        "plug the Arduino in, or set SERIAL_PORT (SERIAL_PORT=sim: the simulated board)")
+            yield Check("serial port", False, "no board found (no Arduino, CH340 or FTDI USB serial device)",
+                        "plug the Arduino in, or set SERIAL_PORT to its device (any other USB serial "
+                        "chip must be named; SERIAL_PORT=sim: the simulated board)")
             yield from self._not_tried("serial access", "serial holder", "serial reading")
             return
         if not os.path.exists(port):
@@ -245,6 +249,31 @@ class Doctor:
             yield Check("store schema", True, f"v{version}: the reader upgrades it to v{SCHEMA_VERSION} at start")
         else:
             yield Check("store schema", True, f"v{version}")
+
+    def file_modes(self):
+        """Secrets readable by this user only: the .env (passwords), the Firebase key, and
+        the store with its -wal/-shm (the dashboard's session key and password hash)."""
+        s = self.settings
+        env = self.env if self.env is not None else os.environ
+        db = s.db_path
+        paths = [Path(env.get("MASH_ENV_FILE") or ENV_FILE), Path(s.firebase_credentials),
+                 db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+        loose = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue                                  # absent: nothing to expose
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                loose.append((path, stat.S_IMODE(st.st_mode)))
+        if loose:
+            yield Check("file modes", False,
+                        ", ".join(f"{p} is {mode:04o}" for p, mode in loose) +
+                        ": other users of this machine can read the secrets in it",
+                        "chmod 600 " + " ".join(shlex.quote(str(p)) for p, _ in loose))
+        else:
+            yield Check("file modes", True, "the .env, the Firebase key and the store are "
+                                            "readable by their owner only")
 
     # -- sinks -------------------------------------------------------------------------------
     def backend(self):

@@ -3,8 +3,9 @@
 Rows are read in id order, a few thousand at a time (keyset pagination: each chunk is a
 short read, so the reader keeps writing meanwhile and memory stays flat for a million rows),
 and written as they come. Each row says where it stands: ``sync_status`` is ``synced``,
-``pending``, ``rejected`` (the backend refused it) or ``held`` (stamped before the clock was
-synchronized), and ``firebase`` whether the backup has it.
+``pending``, ``rejected`` (the backend refused it), ``local`` (a simulated board's, never
+sent) or ``held`` (stamped before the clock was synchronized), and ``firebase`` whether the
+backup has it.
 
     from mash.export import export
     export(store, open("june.csv", "w"), start=datetime(2026, 6, 1), fmt="csv")
@@ -18,13 +19,13 @@ from typing import IO, Iterator
 
 from mash.clock import iso
 from mash.contract import ROOMS
-from mash.models import PENDING, REJECTED, SYNCED, Store
+from mash.models import LOCAL, PENDING, REJECTED, SYNCED, Store
 
 FIELDS = ("reading_id", "room", "timestamp", "temperature", "humidity", "co2",
           "sync_status", "synced_at", "firebase")
 FORMATS = ("csv", "jsonl")
 CHUNK = 5000
-_STATUS = {PENDING: "pending", SYNCED: "synced", REJECTED: "rejected"}
+_STATUS = {PENDING: "pending", SYNCED: "synced", REJECTED: "rejected", LOCAL: "local"}
 
 
 def rows(store: Store, start: dt.datetime | None = None, end: dt.datetime | None = None,
@@ -54,7 +55,8 @@ def rows(store: Store, start: dt.datetime | None = None, end: dt.datetime | None
             yield {"reading_id": store.reading_id(rid), "room": rroom, "timestamp": iso(ts),
                    "temperature": temp, "humidity": hum, "co2": co2,
                    "sync_status": "held" if mono is not None else _STATUS.get(synced, str(synced)),
-                   "synced_at": iso(synced_at), "firebase": rid <= fb_progress}
+                   "synced_at": iso(synced_at),
+                   "firebase": rid <= fb_progress and synced != LOCAL}
         if len(batch) < chunk:
             return
         last = batch[-1][0]

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from mash.config import ConfigError, Settings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# Files the gateway makes are its user's alone: the store holds the dashboard's session key
+# and password hash, and SQLite gives -wal and -shm the store's own mode.
+UMASK = 0o077
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -43,13 +48,37 @@ class OncePerKind:
 
 
 def start_process() -> Settings | None:
-    """An entry point's start: the settings (None, after printing the one-line error, when a
-    value is bad), logging, and ``kill -USR1`` printing every thread's stack."""
+    """An entry point's start: a private umask (``UMASK``), the settings (None, after
+    printing the one-line error, when a value is bad), logging, the store's files made
+    private if an older version left them open (``make_private``), and ``kill -USR1``
+    printing every thread's stack."""
+    os.umask(UMASK)
     try:
         settings = Settings.load()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
     setup_logging(settings.log_level)
+    make_private(settings.db_path)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     return settings
+
+
+def make_private(db_path: Path) -> list[Path]:
+    """Make the store and its ``-wal``/``-shm`` 0600 where another user could read them and
+    this user owns them (a store made before the umask, or by hand); returns what changed.
+    Files of another owner are left to ``mash doctor``, which prints the fix."""
+    changed = []
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+        try:
+            st = path.stat()
+            if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                path.chmod(0o600)
+                changed.append(path)
+        except OSError:             # not there (yet), or gone meanwhile
+            continue
+    if changed:
+        logging.getLogger("mash").warning(
+            "%s could be read by other users (they hold the dashboard's keys): made 0600",
+            ", ".join(map(str, changed)))
+    return changed

@@ -36,19 +36,27 @@ from mash.timekeeper import Timekeeper
 
 log = logging.getLogger("mash.reader")
 
-ARDUINO_VID = 0x2341
+# USB vendors auto-detect may open, in order of preference: the Arduino boards' own, then
+# the USB-serial chips of the clones MASH boards are built on (the MASH firmware docs name
+# CH340 and FTDI). Anything else (a GPS, a modem, a Zigbee stick, CP210x bridges) is opened
+# only when SERIAL_PORT names it: keepalives and relay commands are not for other devices.
+BOARD_VENDORS = {0x2341: "Arduino", 0x2A03: "Arduino (arduino.org)",
+                 0x1A86: "CH340 (QinHeng)", 0x0403: "FTDI"}
+
+
+def pick_board(ports) -> str | None:
+    """From ``list_ports.comports()``-style port infos, the device auto-detect may open:
+    the first (by path) of the most preferred vendor in BOARD_VENDORS; a port with no
+    USB vendor (a built-in UART, a pty) never."""
+    known = [p for p in ports if p.vid in BOARD_VENDORS]
+    rank = list(BOARD_VENDORS)
+    known.sort(key=lambda p: (rank.index(p.vid), p.device))
+    return known[0].device if known else None
 
 
 def find_board() -> str | None:
-    """The first Arduino (USB vendor 0x2341), else the first ttyACM/ttyUSB device."""
-    ports = sorted(list_ports.comports(), key=lambda p: p.device)
-    for p in ports:
-        if p.vid == ARDUINO_VID:
-            return p.device
-    for p in ports:
-        if p.device.startswith(("/dev/ttyACM", "/dev/ttyUSB")):
-            return p.device
-    return None
+    """The attached MASH board's port (``pick_board``), or None."""
+    return pick_board(list_ports.comports())
 
 
 class Reader:
@@ -84,6 +92,9 @@ class Reader:
         self.unstored: deque = deque(maxlen=self.UNSTORED_MAX)
         self.store_error: str | None = None
         self._sim = None
+        # a simulated board (ours, or the one `mash run` passed): its readings are marked,
+        # and kept from every sink unless SIM_SYNC=1
+        self.simulated = settings.serial_port == "sim" or settings.simulated_board
         self.board_state = {"connected": False, "since": iso(utcnow()), "port": None,
                             "problem": "not opened yet"}
         self._next_beat = 0.0
@@ -256,7 +267,9 @@ class Reader:
                 ts, provisional = self.timekeeper.stamp(sample)
                 with self.store.transaction():
                     try:
-                        self.store.save_sensor_data(data, timestamp=ts, provisional=provisional)
+                        self.store.save_sensor_data(data, timestamp=ts, provisional=provisional,
+                                                    simulated=self.simulated,
+                                                    sim_sync=self.settings.sim_sync)
                         if events:
                             self.store.add_alerts(events)
                     except DatabaseError as exc:

@@ -356,8 +356,9 @@ class SimulatedBoard:
 def main(interval: float = 5.0, link: str | None = None) -> None:
     """``mash simulate``: run a board until Ctrl-C, printing where to point SERIAL_PORT."""
     board = SimulatedBoard(interval=interval, link=link, chamber=Chamber()).start()
-    print(f"simulated MASH board on {board.port} (a reading every {interval:g} s); Ctrl-C stops",
-          flush=True)
+    print(f"simulated MASH board on {board.port} (a reading every {interval:g} s); Ctrl-C stops. "
+          f"Point the reader at it with SERIAL_PORT={board.port} MASH_SIMULATED_BOARD=1, so its "
+          "readings are marked as simulated and kept local", flush=True)
     try:
         while True:
             time.sleep(1)

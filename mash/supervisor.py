@@ -2,7 +2,10 @@
 foreground.
 
 With no Arduino attached (and no ``SERIAL_PORT``) it starts the simulated board on a
-pseudo-terminal and points the reader at it. Ctrl-C or SIGTERM stops every child cleanly
+pseudo-terminal and points the reader at it, marked as simulated (``MASH_SIMULATED_BOARD``)
+so its readings stay local. With a sink configured it refuses to (exit 2) unless
+``SERIAL_PORT=sim`` asks for the simulated board: an unplugged Arduino must not look like a
+farm sending fake readings under its real DEVICE_ID. Ctrl-C or SIGTERM stops every child cleanly
 (SIGTERM, then SIGKILL after 15 s); if the reader or the worker dies, the rest are stopped
 too. The dashboard is not essential: if it cannot start (its port taken, say), it says why
 and the gateway goes on without it.
@@ -24,16 +27,37 @@ SERVICES = (["-m", "mash.reader"], ["-m", "mash.worker"])
 DASHBOARD = ["-m", "mash.dashboard"]
 
 
-def run(settings: Settings, interval: float = 5.0, out=sys.stdout) -> int:
+def configured_sinks(settings: Settings) -> list[str]:
+    return [name for name, on in (("the backend", settings.backend_enabled),
+                                  ("MQTT", settings.mqtt_enabled),
+                                  ("Firebase", settings.firebase_enabled)) if on]
+
+
+def run(settings: Settings, interval: float = 5.0, out=sys.stdout, err=sys.stderr) -> int:
+    os.umask(0o077)             # the data directory it may make is private, like the store
     env = dict(os.environ)
     board = None
-    if settings.serial_port == "sim" or (settings.serial_port is None and not find_board()):
+    wanted = settings.serial_port == "sim"
+    missing = settings.serial_port is None and not find_board()
+    if missing:
+        sinks = configured_sinks(settings)
+        if sinks:
+            print(f"mash run: no Arduino attached and {', '.join(sinks)} configured: not "
+                  "starting the simulated board, whose readings would go out as DEVICE_ID="
+                  f"{settings.device_id}; plug the board in, set SERIAL_PORT to its device, or "
+                  "SERIAL_PORT=sim (its readings stay local unless SIM_SYNC=1)",
+                  file=err, flush=True)
+            return 2
+    if wanted or missing:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         board = SimulatedBoard(interval=interval, link=settings.data_dir.resolve() / "sim-tty",
                                chamber=Chamber()).start()
         env["SERIAL_PORT"] = board.port
-        print(f"no Arduino attached: simulated board on {board.port}, a reading every "
-              f"{interval:g} s", file=out, flush=True)
+        env["MASH_SIMULATED_BOARD"] = "1"
+        kept = "sent to the sinks (SIM_SYNC=1)" if settings.sim_sync else "kept local"
+        print(f"{'simulated board' if wanted else 'no Arduino attached: simulated board'} on "
+              f"{board.port}, a reading every {interval:g} s, its readings {kept}",
+              file=out, flush=True)
     procs = [subprocess.Popen([sys.executable, *args], env=env) for args in SERVICES]
     extra = [subprocess.Popen([sys.executable, *DASHBOARD], env=env)]
     print(f"gateway running (data in {settings.data_dir}); dashboard at "

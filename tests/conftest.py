@@ -14,6 +14,9 @@ os.environ["MASH_ENV_FILE"] = os.devnull
 for key in list(os.environ):
     if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_", "CONTROL_")):
         del os.environ[key]
+# The gateway's processes run with a private umask (mash.logs.UMASK); a store a test makes in
+# this process is as private, so the processes it starts find nothing to tighten.
+os.umask(0o077)
 # This machine's kernel is not NTP-disciplined (adjtimex reports STA_UNSYNC), so with the
 # default CLOCK_SYNC=auto every reading would wait for the backend's Date. Tests that are not
 # about the clock trust it; the honest clock's own tests (test_timekeeper.py) use CLOCK_SYNC=auto

@@ -130,6 +130,7 @@ def make_service_account(path: Path) -> Path:
         "type": "service_account", "project_id": "mash-test", "private_key_id": "k1",
         "private_key": pem, "client_email": "gateway@mash-test.iam.gserviceaccount.com",
         "client_id": "1", "token_uri": "http://127.0.0.1:9/token"}))
+    path.chmod(0o600)                # as a real key must be: `mash doctor` checks it
     return path
 
 

@@ -9,7 +9,7 @@ import pytest
 from huey import SqliteHuey
 
 from mash.config import Settings
-from mash.models import Store
+from mash.models import LOCAL, Store
 from tests.services import ROOT, wait_for
 
 
@@ -48,7 +48,14 @@ def test_run_stores_simulated_readings_and_stops_cleanly_on_ctrl_c(tmp_path):
     try:
         wait_for(lambda: (data / "mash.db").exists(), timeout=30, what="the store")
         store = Store(data / "mash.db")
-        wait_for(lambda: store.pending_count() >= 6, timeout=30, what="simulated readings stored")
+        S = store.m.SensorData
+        # marked as the simulated board's (mash run passed the marker) and kept local
+        local = S.select().where((S.simulated == 1) & (S.synced == LOCAL))
+        wait_for(lambda: local.count() >= 6, timeout=30, what="simulated readings stored")
+        assert store.pending_count() == 0 and S.select().where(S.simulated == 0).count() == 0
+        # stopped only once the worker is up too: a worker still starting logs no stop
+        wait_for(lambda: store.processes().get("worker", {}).get("alive"), timeout=30,
+                 what="the worker's heartbeat")
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)

@@ -57,15 +57,23 @@ def test_doctor_passes_on_a_healthy_stack(stack):
     ("stopped broker", "stopped", {"mqtt tls"}),
     ("missing port", {"SERIAL_PORT": "/dev/ttyACM-missing"}, {"serial port"}),
     ("wrong device password", {"DEVICE_PASSWORD": "nope"}, {"backend login"}),
+    ("readable .env", "open_env", {"file modes"}),
 ])
 def test_each_broken_part_gives_exactly_its_own_cross(stack, case, env, expected):
     if env == "other_ca":
         env = {"MQTT_CA_CERTS": str(stack.other_ca["ca"])}
     elif env == "stopped":
         env = {"MQTT_PORT": str(stack.stopped.port)}
+    elif env == "open_env":
+        path = stack.dir / "open.env"
+        path.write_text("LOG_LEVEL=INFO\n")
+        path.chmod(0o644)
+        env = {"MASH_ENV_FILE": str(path)}
     report = doctor(stack, **env)
     assert failed(report) == expected, json.dumps(report, indent=1)
     bad = next(c for c in report["checks"] if c["check"] in expected)
     assert bad["fix"], "a failure says how to fix it"
     if case == "stopped broker":
         assert "cannot reach the broker" in bad["detail"]
+    if case == "readable .env":
+        assert bad["fix"] == f"chmod 600 {stack.dir / 'open.env'}"

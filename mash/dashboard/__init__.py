@@ -2,9 +2,13 @@
 
 Flask for the routes and templates (Jinja escapes everything it renders), served by waitress
 (pure Python, threads, no compiler: it runs on a Pi as it is). It reads the store and writes
-only through the paths the other processes use (``actions``). Loopback-only unless a
-password is set; a session cookie (HttpOnly, SameSite=Strict) and a CSRF token guard every
-POST; ten wrong passwords in a minute lock the login out for the rest of that minute.
+only through the paths the other processes use (``actions``). Each request is judged on its
+own: a ``Host`` that is not this machine's is refused (DNS rebinding); without a password
+only a direct request from this machine to a loopback name is served (``auth.direct_local``),
+so behind a reverse proxy the password is needed; listening beyond loopback needs one too. A
+session cookie (HttpOnly, SameSite=Strict), signed with a key that ``set-password`` rotates,
+and a CSRF token guard every POST; ten wrong passwords in a minute lock the login out for the
+rest of that minute.
 
     mash dashboard                      # http://127.0.0.1:8080
     mash dashboard set-password         # needed for DASHBOARD_HOST other than loopback
@@ -28,7 +32,7 @@ from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
 from mash.dashboard import actions, auth, charts, data
-from mash.logs import start_process
+from mash.logs import OncePerKind, start_process
 from mash.models import Store
 
 log = logging.getLogger("mash.dashboard")
@@ -60,7 +64,11 @@ class Drain:
 def create_app(settings: Settings, store: Store | None = None) -> Flask:
     store = store or Store(settings.db_path)
     app = Flask(__name__)
-    app.config.update(SECRET_KEY=auth.session_secret(store), SESSION_COOKIE_HTTPONLY=True,
+    app.session_interface = auth.StoreKeyedSessions(store)
+    names = auth.own_names(settings.dashboard_host)
+    foreign = OncePerKind(log, "dashboard: refused a request for a Host that is not this "
+                               "machine's name (DNS rebinding?)")
+    app.config.update(SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_NAME="mash_session",
                       PERMANENT_SESSION_LIFETIME=dt.timedelta(days=7), JSON_SORT_KEYS=False)
     limiter = auth.LoginLimiter()
@@ -82,12 +90,34 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         return session["csrf"]
 
     def logged_in() -> bool:
-        if session.get("auth"):
-            return True
-        if not auth.has_password(store):        # loopback only (checked at start): no door
-            session["auth"] = True
-            return True
-        return False
+        """With a password: a session that logged in with it (under the current signing
+        key). Without one: this request came straight from this machine (never a session:
+        a cookie made on loopback must not open the page through a proxy)."""
+        if auth.has_password(store):
+            return bool(session.get("auth"))
+        return direct_local()
+
+    def direct_local() -> bool:
+        return auth.direct_local(request.remote_addr, request.headers.get("Host"), request.headers)
+
+    def refused(message: str, status: int = 403):
+        if request.path.startswith("/api/") or request.method == "POST":
+            return jsonify(error=message), status
+        return Response(message + "\n", status, mimetype="text/plain")
+
+    @app.before_request
+    def door():
+        """Before any route (static files too): the Host, then the passwordless rule."""
+        if not auth.known_host(auth.host_name(request.headers.get("Host")), names):
+            if len(foreign.seen) < 100:               # one line per name, a bounded few
+                foreign(repr((request.headers.get("Host") or "")[:100]), f"from {client()}")
+            return refused("this dashboard answers to this machine's own names and addresses only")
+        if not auth.has_password(store) and not direct_local():
+            return refused("no dashboard password is set, so only a direct request from this "
+                           "machine (http://127.0.0.1 or http://localhost) is served; run "
+                           "`mash dashboard set-password` to reach it any other way "
+                           "(a reverse proxy, another address)")
+        return None
 
     def csrf_ok() -> bool:
         sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
@@ -96,7 +126,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
 
     def guarded_post():
         """403 without a session or without the CSRF token; the JSON body otherwise."""
-        if not session.get("auth") and not logged_in():
+        if not logged_in():
             abort(Response('{"error":"log in first"}', 403, mimetype="application/json"))
         if not csrf_ok():
             abort(Response('{"error":"missing or wrong CSRF token: reload the page"}', 403,
@@ -252,8 +282,10 @@ def serve(settings: Settings) -> int:
     store = Store(settings.db_path)
     check_exposure(settings, store)
     app = create_app(settings, store)
+    # proxy headers reach the app untouched: their presence is what says "through a proxy"
+    # (auth.direct_local); the app never takes an address or scheme from them
     server = create_server(app, host=settings.dashboard_host, port=settings.dashboard_port,
-                           threads=4, ident="mash", clear_untrusted_proxy_headers=True)
+                           threads=4, ident="mash", clear_untrusted_proxy_headers=False)
     stop = lambda *_: server.close()               # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     log.info("dashboard on http://%s:%s", settings.dashboard_host, server.effective_port)

@@ -10,10 +10,10 @@ The guide's troubleshooting query (``SELECT COUNT(*) FROM sensor_data WHERE sync
 works on the file as it is.
 """
 from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew
-from mash.models.schema import (ACK, ALERT, COMPLETED, FAILED, FINAL, MODELS, PENDING, QUEUED,
-                                REJECTED, RUNNING, SYNCED, bind_models)
+from mash.models.schema import (ACK, ALERT, COMPLETED, FAILED, FINAL, LOCAL, MODELS, PENDING,
+                                QUEUED, REJECTED, RUNNING, SYNCED, bind_models)
 from mash.models.store import DatabaseManager, Store
 
 __all__ = ["Store", "DatabaseManager", "MODELS", "bind_models", "SCHEMA_VERSION", "SchemaTooNew",
-           "PENDING", "SYNCED", "REJECTED", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "FINAL",
+           "PENDING", "SYNCED", "REJECTED", "LOCAL", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "FINAL",
            "ALERT", "ACK"]

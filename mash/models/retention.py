@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 
 from mash.clock import utcnow
-from mash.models.schema import ACK, ALERT, FINAL, OUTBOX_SINKS, SYNCED
+from mash.models.schema import ACK, ALERT, FINAL, LOCAL, OUTBOX_SINKS, SYNCED
 
 OUTBOX_KEEP = dt.timedelta(days=1)          # a delivered outbox row
 AUTO_COMMAND_KEEP = dt.timedelta(days=1)    # a final command of the climate controller
@@ -197,7 +197,8 @@ def enforce_budget(store, max_bytes: int, firebase_on: bool = False,
     dropped}`` (``dropped``: ``{sink: owed items deleted}``).
 
     First the items a sink has been owed for OWED_STALE, then readings synced to the backend
-    (and backed up to Firebase when it is on), never the newest row (row ids must never be
+    (and backed up to Firebase when it is on) or local only (a simulated board's, never
+    sent), never the newest row (row ids must never be
     reused)."""
     S = store.m.SensorData
     now = now or utcnow()
@@ -210,7 +211,7 @@ def enforce_budget(store, max_bytes: int, firebase_on: bool = False,
     limit_id = store.sink("firebase").progress if firebase_on else newest
     while used > max_bytes:
         doomed = [r.id for r in S.select(S.id)
-                  .where((S.synced == SYNCED) & (S.id < newest) & (S.id <= limit_id))
+                  .where(S.synced.in_((SYNCED, LOCAL)) & (S.id < newest) & (S.id <= limit_id))
                   .order_by(S.id).limit(chunk)]
         if not doomed:
             break

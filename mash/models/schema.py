@@ -11,8 +11,9 @@ from types import SimpleNamespace
 from peewee import (AutoField, CharField, DateTimeField, FloatField, IntegerField, Model,
                     TextField)
 
-# sensor_data.synced
-PENDING, SYNCED, REJECTED = 0, 1, -1
+# sensor_data.synced. LOCAL: never sent to any sink (a simulated board's, without SIM_SYNC=1);
+# for every progress marker and for retention it counts as done, like SYNCED.
+PENDING, SYNCED, REJECTED, LOCAL = 0, 1, -1, 2
 
 # commands.status
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
@@ -25,7 +26,8 @@ OUTBOX_SINKS = ("backend", "mqtt")
 
 
 class SensorData(Model):
-    """One row per room per reading line. ``synced``: 0 pending, 1 accepted, -1 rejected."""
+    """One row per room per reading line. ``synced``: 0 pending, 1 accepted, -1 rejected,
+    2 local only."""
     id = AutoField()
     room = CharField()
     temperature = FloatField()

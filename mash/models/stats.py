@@ -5,7 +5,7 @@ from peewee import fn
 
 from mash.clock import as_datetime, iso, utcnow
 from mash.models.migrations import SCHEMA_VERSION
-from mash.models.schema import ACK, ALERT, PENDING, REJECTED, SYNCED
+from mash.models.schema import ACK, ALERT, LOCAL, PENDING, REJECTED, SYNCED
 
 
 def collect(store) -> dict:
@@ -36,6 +36,8 @@ def collect(store) -> dict:
         "total_synced": counts.get(SYNCED, 0),
         "pending_records": counts.get(PENDING, 0),
         "rejected_records": counts.get(REJECTED, 0),
+        # a simulated board's readings, kept from every sink (SIM_SYNC=0)
+        "local_records": counts.get(LOCAL, 0),
         "last_sync": iso(as_datetime(last_sync)),
         "oldest_pending_age_s": round((now - as_datetime(oldest)).total_seconds(), 1) if oldest else 0,
         "last_reading": iso(as_datetime(newest_ts)),

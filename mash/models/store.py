@@ -30,7 +30,7 @@ from mash.models import retention, stats
 from mash.models.migrations import migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
-from mash.models.schema import PENDING, REJECTED, SYNCED, bind_models
+from mash.models.schema import LOCAL, PENDING, REJECTED, SYNCED, bind_models
 
 PAGE_SIZE = 1024
 
@@ -115,7 +115,8 @@ class Store(LedgerMixin):
 
     @writes
     def save_sensor_data(self, data: dict, timestamp: dt.datetime | float | None = None,
-                         provisional: tuple[str, float] | None = None) -> list[int]:
+                         provisional: tuple[str, float] | None = None, simulated: bool = False,
+                         sim_sync: bool = False) -> list[int]:
         """Store one reading line (``{"fruiting": {...}, "spawning": {...}}``) atomically
         and return the new row ids.
 
@@ -125,11 +126,16 @@ class Store(LedgerMixin):
         the same dict sends the same ids and the backend keeps the reading once.
 
         ``provisional``: ``(boot id, CLOCK_BOOTTIME)`` when the clock is not synchronized
-        yet; the reading is held from every sink until ``rebase.rebase`` fixes its time."""
+        yet; the reading is held from every sink until ``rebase.rebase`` fixes its time.
+
+        ``simulated``: the line came from the simulated board. It is marked so, and kept
+        from every sink (``LOCAL``) unless ``sim_sync`` (SIM_SYNC=1): fake readings never
+        reach the cloud under the real DEVICE_ID by accident."""
         ts = timestamp if timestamp is not None else data.get("timestamp")
         if isinstance(ts, (int, float)):
             ts = from_epoch(ts)
         ts = ts or utcnow()
+        local = simulated and not sim_sync
         rows = []
         for room in ROOMS:
             values = data.get(room)
@@ -139,7 +145,8 @@ class Store(LedgerMixin):
                              humidity=float(values["humidity"]), co2=int(values["co2"]),
                              timestamp=ts, fb_key=self._fb_key(room, ts),
                              boot=provisional[0] if provisional else None,
-                             mono=provisional[1] if provisional else None))
+                             mono=provisional[1] if provisional else None,
+                             simulated=int(simulated), synced=LOCAL if local else PENDING))
         if not rows:
             return []
         # One statement: atomic by itself (no nested savepoint inside a caller's
@@ -149,7 +156,27 @@ class Store(LedgerMixin):
         data["reading_ids"] = {r["room"]: self.reading_id(i) for r, i in zip(rows, row_ids)}
         if provisional and self.clock_hold() is None:
             self.meta_set("clock_hold", row_ids[0])
+        if local:
+            self._skip_local()
         return row_ids
+
+    def _skip_local(self) -> None:
+        """Move the backend's and Firebase's progress markers past local-only readings when
+        nothing a sink is owed lies before them: readings that are never sent must not hold
+        a marker back (every later scan would start behind them). Normally the marker sits
+        just before the rows stored now, so this looks at those rows only."""
+        S, K = self.m.SensorData, self.m.SinkState
+        last = self.last_reading_id()
+        # only markers that exist: a sink never heard of keeps its "never seen" state
+        for sink in K.select().where(K.name.in_(("backend", "firebase"))):
+            progress = sink.progress or 0
+            if progress >= last:
+                continue
+            owed = (S.synced == PENDING) if sink.name == "backend" else (S.synced != LOCAL)
+            first = S.select(fn.MIN(S.id)).where((S.id > progress) & owed).scalar()
+            new = first - 1 if first is not None else last
+            if new > progress:
+                K.update(progress=new).where(K.name == sink.name).execute()
 
     def clock_hold(self) -> int | None:
         """The first reading stamped before the clock was synchronized: no sink gets it, or
@@ -163,12 +190,13 @@ class Store(LedgerMixin):
         return hold - 1 if upto is None else min(upto, hold - 1)
 
     def backend_progress(self) -> int:
-        """Every reading id up to this one is synced or rejected."""
+        """Every reading id up to this one is synced, rejected or local only."""
         return self.sink("backend").progress or 0
 
     def unsynced(self, limit: int, after_id: int = 0, upto: int | None = None) -> list:
         """Up to ``limit`` pending readings past ``after_id`` (and the backend's progress
-        marker), oldest first: a rowid range scan, no index needed."""
+        marker), oldest first: a rowid range scan, no index needed. Local-only readings are
+        not pending: they are never sent."""
         S = self.m.SensorData
         cond = (S.id > max(after_id, self.backend_progress())) & (S.synced == PENDING)
         upto = self._held(upto)
@@ -219,10 +247,10 @@ class Store(LedgerMixin):
         return n
 
     def readings_after(self, after_id: int, limit: int, upto: int | None = None) -> list:
-        """Readings with ids past ``after_id`` (up to ``upto``), oldest first; none held
-        for the clock."""
+        """Readings for a sink (Firebase, the live feed) with ids past ``after_id`` (up to
+        ``upto``), oldest first; none held for the clock, none local only."""
         S = self.m.SensorData
-        cond = S.id > after_id
+        cond = (S.id > after_id) & (S.synced != LOCAL)
         upto = self._held(upto)
         if upto is not None:
             cond &= S.id <= upto
@@ -233,7 +261,8 @@ class Store(LedgerMixin):
         return self.m.SensorData.select(fn.MAX(self.m.SensorData.id)).scalar() or 0
 
     def pending_count(self) -> int:
-        """Readings the backend does not have yet (what the guide's query counts)."""
+        """Readings the backend does not have yet (what the guide's query counts; local-only
+        ones are not owed to it)."""
         S = self.m.SensorData
         return S.select().where((S.id > self.backend_progress()) & (S.synced == PENDING)).count()
 

@@ -4,7 +4,8 @@ the retained ``actuator_states`` whenever a relay or a room's mode changes.
 It watches SQLite's ``data_version`` (no write, no queue). Readings taken while the broker
 was away are not replayed here: they reach the backend and Firebase with their timestamps,
 which is where history belongs; a day of readings on a "now" topic would set off dashboards
-on stale values and flood a metered uplink just as it comes back.
+on stale values and flood a metered uplink just as it comes back. A simulated board's
+readings are not published either, unless SIM_SYNC=1 (``Store.readings_after``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ log = logging.getLogger("mash.worker")
 
 class LiveFeed(BackgroundLoop):
     POLL = 0.05
+    BATCH = 500
     thread_name = "live-feed"
 
     def __init__(self, ctx):
@@ -42,15 +44,30 @@ class LiveFeed(BackgroundLoop):
                     v = store.data_version()
                     if v != version or self._actuators is None:
                         version = v
-                        rows = store.readings_after(last_id, 500)
-                        if rows:
-                            last_id = rows[-1].id
-                            self._publish(rows)
+                        last_id = self._step(last_id)
                         self._publish_actuators()
             except Exception:
                 log.exception("live feed step failed")
                 self._stop.wait(1.0)
             self._stop.wait(self.POLL)
+
+    def _step(self, last_id: int) -> int:
+        """Publish the readings past ``last_id``; returns the new ``last_id``.
+
+        Local-only readings (a simulated board's) are never published, and are stepped
+        over rather than scanned again at every poll: when fewer than a batch came back
+        and nothing is held for the clock, every row up to ``upto`` has been seen."""
+        store = self.ctx.store
+        upto = store.last_reading_id()
+        # read after upto: a hold set after it is on a row past upto, which is not skipped
+        held = store.clock_hold() is not None
+        rows = store.readings_after(last_id, self.BATCH, upto=upto)
+        if rows:
+            self._publish(rows)
+            last_id = rows[-1].id
+        if len(rows) < self.BATCH and not held:
+            last_id = max(last_id, upto)
+        return last_id
 
     def _publish_actuators(self) -> None:
         """The retained ``actuator_states`` whenever a relay or a room's mode changed."""
