@@ -1,6 +1,14 @@
+import json
+
 import pytest
 
+from mash.alerts import AlertEngine
 from mash.config import ConfigError, Settings
+from mash.dashboard import actions
+from mash.housekeeping import Housekeeping
+from mash.tasks.context import WorkerContext
+from mash.tasks.intake import intake
+from mash.tasks.remote_config import apply_pulled
 
 
 def test_defaults_follow_the_contract():
@@ -41,3 +49,60 @@ def test_password_never_in_the_error_line():
     with pytest.raises(ConfigError) as err:
         Settings.from_mapping({"MQTT_PASSWORD": "hunter2", "MQTT_PORT": "x"})
     assert "hunter2" not in str(err.value)
+
+
+# -- CONFIGURE against the configuration in force ------------------------------------------
+def configure_cmd(command_id, **params):
+    return {"id": command_id, "command": "CONFIGURE", "parameters": params}
+
+
+def test_a_configure_that_conflicts_with_the_limits_in_force_is_acked_failed_and_not_stored(
+        make_settings):
+    ctx = WorkerContext(make_settings())                 # no sink: only the ledger and the store
+    store = ctx.store
+    # fruiting's temp_max in force is 26: a temp_min of 27 cannot run
+    assert intake(ctx, configure_cmd("c1", thresholds={"fruiting": {"temp_min": 27}}), "mqtt") == "failed"
+    row = store.command("c1")
+    assert row.status == "failed"
+    assert "temp_min (27) must be below temp_max (26)" in row.reason
+    assert store.meta_get("configuration") is None
+    acks = [o.message for o in store.owed("mqtt") if o.kind == "ack"]
+    assert [(a["id"], a["status"]) for a in acks] == [("c1", "failed")]
+    assert "temp_max (26)" in acks[0]["response"]["reason"]
+    # a later valid one still works, and is judged with what is stored by then
+    assert intake(ctx, configure_cmd("c2", thresholds={"fruiting": {"temp_max": 30}}), "mqtt") == "done"
+    assert intake(ctx, configure_cmd("c3", thresholds={"fruiting": {"temp_min": 27}}), "mqtt") == "done"
+    assert store.meta_get("configuration") == {"thresholds": {"fruiting": {"temp_max": 30, "temp_min": 27}}}
+    # ... and one that conflicts with a stored limit is refused in turn
+    assert intake(ctx, configure_cmd("c4", thresholds={"fruiting": {"temp_max": 26.5}}), "mqtt") == "failed"
+    assert store.meta_get("configuration")["thresholds"]["fruiting"]["temp_max"] == 30
+    # what was stored is what the reader runs with
+    engine = AlertEngine(ctx.settings.thresholds)
+    Housekeeping(ctx.settings, store, engine)
+    assert (engine.thresholds["fruiting"]["temp_min"], engine.thresholds["fruiting"]["temp_max"]) == (27, 30)
+
+
+def test_configure_is_judged_by_the_settings_in_force_not_the_defaults(make_settings):
+    ctx = WorkerContext(make_settings(ALERT_THRESHOLDS='{"fruiting":{"temp_max":30}}',
+                                      CONTROL_RULES='{"fruiting":{"temp_on":30,"temp_off":29}}'))
+    assert intake(ctx, configure_cmd("s1", thresholds={"fruiting": {"temp_min": 27}}), "mqtt") == "done"
+    assert intake(ctx, configure_cmd("s2", control={"fruiting": {"temp_off": 28}}), "mqtt") == "done"
+    assert intake(ctx, configure_cmd("s3", control={"fruiting": {"temp_off": 31}}), "mqtt") == "failed"
+    assert "temp_off (31) must be below temp_on (30)" in ctx.store.command("s3").reason
+    assert ctx.store.meta_get("configuration") == {"thresholds": {"fruiting": {"temp_min": 27}},
+                                                   "control": {"fruiting": {"temp_off": 28}}}
+
+
+def test_the_dashboard_and_a_pulled_configuration_are_checked_the_same_way(make_settings):
+    ctx = WorkerContext(make_settings())
+    conflicting = {"thresholds": {"fruiting": {"temp_min": 27}}}
+    with pytest.raises(actions.ActionError, match=r"temp_min \(27\) must be below temp_max \(26\)"):
+        actions.configure(ctx.settings, ctx.store, conflicting)
+    assert apply_pulled(ctx, "backend", conflicting).startswith("refused: conflicts with the limits")
+    assert ctx.store.meta_get("configuration") is None
+    assert not ctx.store.m.Command.select().exists()
+    assert actions.configure(ctx.settings, ctx.store, {"thresholds": {"fruiting": {"temp_max": 28}}})[1] == \
+        {"thresholds": {"fruiting": {"temp_max": 28}}}
+    assert apply_pulled(ctx, "backend", conflicting) == "unchanged"    # refused once per version
+    assert apply_pulled(ctx, "firebase", conflicting) == "applied"     # fits now: 27 < 28
+    assert ctx.store.meta_get("configuration")["thresholds"]["fruiting"] == {"temp_max": 28, "temp_min": 27}
