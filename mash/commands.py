@@ -15,7 +15,8 @@ import re
 from mash import protocol
 from mash.clock import parse_iso, utcnow
 from mash.contract import ROOM_MODES, ROOMS
-from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
+from mash.rules import (DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds,
+                        overlay_control)
 from mash.contract import COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES
 
 INTERVAL_SETTINGS = ("sync_interval", "command_poll_interval", "heartbeat_interval")
@@ -101,7 +102,8 @@ def validate(cmd: dict, device_id: str, size: int,
 
 
 def validate_configuration(params: dict) -> None:
-    """Raise Rejected unless ``params`` is a valid CONFIGURE body."""
+    """Raise Rejected unless ``params`` is a well-formed CONFIGURE body. Whether it can run
+    with the limits in force is ``configure``'s question: every path that stores one asks it."""
     unknown = set(params) - set(CONFIGURABLE)
     if unknown:
         raise Rejected(f"malformed: unknown setting {sorted(unknown)[0]!r} "
@@ -114,7 +116,7 @@ def validate_configuration(params: dict) -> None:
             raise Rejected(f"malformed: {exc.why}") from None
     if "control" in params:
         try:
-            merge_control(DEFAULT_CONTROL, params["control"], "control")
+            overlay_control(DEFAULT_CONTROL, params["control"], "control")
         except ConfigError as exc:
             raise Rejected(f"malformed: control: {exc.why}") from None
     if "mode" in params:
@@ -128,6 +130,35 @@ def validate_configuration(params: dict) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not 1 <= value <= 86400):
             raise Rejected(f"malformed: {key} must be a whole number of seconds, 1 to 86400")
+
+
+def limits_in_force(settings, configured: dict | None) -> tuple[dict, dict]:
+    """``(alert thresholds, control rules)`` the gateway runs with: ``settings``
+    (ALERT_THRESHOLDS, CONTROL_RULES over the defaults), then the stored configuration
+    (``meta.configuration``) over them. Raises ConfigError (key ``CONFIGURE``) when the stored
+    configuration cannot run with those settings."""
+    configured = configured or {}
+    thresholds = settings.thresholds
+    if configured.get("thresholds"):
+        thresholds = merge_thresholds(settings.thresholds, configured["thresholds"], "CONFIGURE")
+    control = merge_control(DEFAULT_CONTROL, settings.control_rules)
+    if configured.get("control"):
+        control = merge_control(control, configured["control"], "CONFIGURE")
+    return thresholds, control
+
+
+def configure(settings, configured: dict | None, params: dict) -> dict:
+    """The configuration to store after the CONFIGURE ``params``, given the one stored now:
+    raises Rejected (the reason for the ack) unless ``params`` is well formed and the result
+    runs with the limits in force (``limits_in_force``). The one check for every path that
+    stores a configuration: the command, the dashboard and a pulled one."""
+    validate_configuration(params)
+    merged = merge_configuration(configured or {}, params)
+    try:
+        limits_in_force(settings, merged)
+    except ConfigError as exc:
+        raise Rejected(f"conflicts with the limits in force: {exc.why}") from None
+    return merged
 
 
 def merge_configuration(current: dict, params: dict) -> dict:

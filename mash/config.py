@@ -61,9 +61,45 @@ def resolve_queue_dir(data_dir: Path, configured: Path | None = None,
     return Path(data_dir)
 
 
+def checkout() -> Path | None:
+    """The project checkout this package runs from (an editable install, or the source tree
+    itself), or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def home() -> Path:
+    """``MASH_HOME``: the one place ``config/.env`` and ``data/`` are found, whatever the
+    current directory. From the environment only (it says where ``config/.env`` is); default
+    the checkout the package runs from, else ``~/.local/share/mash`` for an installed copy."""
+    value = os.environ.get("MASH_HOME", "").strip()
+    if value:
+        return Path(value).expanduser().resolve()
+    return checkout() or Path.home() / ".local" / "share" / "mash"
+
+
+def in_home(value: str | os.PathLike) -> Path:
+    """A configured path; a relative one is relative to ``home()``, never to the current
+    directory."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else home() / path
+
+
+def env_file_path() -> Path:
+    """``MASH_ENV_FILE``, else ``<MASH_HOME>/config/.env``."""
+    return in_home(os.environ.get("MASH_ENV_FILE", "").strip() or "config/.env")
+
+
+def data_dir_from(env: dict) -> Path:
+    """``MASH_DATA_DIR``, else ``<MASH_HOME>/data``: what every process and command opens."""
+    value = env.get("MASH_DATA_DIR")
+    value = value.strip() if isinstance(value, str) else value
+    return in_home(value or "data")
+
+
 def environment(env_file: str | os.PathLike | None = None) -> dict:
-    """``os.environ`` over ``config/.env`` (or ``MASH_ENV_FILE``)."""
-    path = Path(env_file or os.environ.get("MASH_ENV_FILE", "config/.env"))
+    """``os.environ`` over ``config/.env`` (``env_file``, else ``env_file_path()``)."""
+    path = in_home(env_file) if env_file else env_file_path()
     return {**(dotenv_values(path) if path.is_file() else {}), **os.environ}
 
 
@@ -74,8 +110,7 @@ def queue_path_from(env: dict) -> Path:
         value = (env.get(key) or "").strip()
         return value or None
     configured, runtime = text("MASH_QUEUE_DIR"), text("RUNTIME_DIRECTORY")
-    data_dir = Path(text("MASH_DATA_DIR") or "data")
-    return resolve_queue_dir(data_dir, Path(configured) if configured else None,
+    return resolve_queue_dir(data_dir_from(env), Path(configured) if configured else None,
                              Path(runtime) if runtime else None) / "queue.db"
 
 
@@ -103,7 +138,7 @@ class Settings:
     heartbeat_interval: int = 60
     serial_port: str | None = None
     serial_baud: int = 9600
-    data_dir: Path = Path("data")
+    data_dir: Path = field(default_factory=lambda: home() / "data")
     queue_dir: Path | None = None
     runtime_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: merge_thresholds(DEFAULT_THRESHOLDS, {}))
@@ -290,14 +325,14 @@ class Settings:
             mqtt_tls=mqtt_tls,
             mqtt_qos=qos,
             firebase_database_url=fb_url,
-            firebase_credentials=text("FIREBASE_CREDENTIALS", cls.firebase_credentials),
+            firebase_credentials=str(in_home(text("FIREBASE_CREDENTIALS", cls.firebase_credentials))),
             sync_interval=integer("SYNC_INTERVAL", 60, 1, 86400),
             batch_size=integer("BATCH_SIZE", 50, 1, MAX_READINGS_PER_REQUEST),
             command_poll_interval=integer("COMMAND_POLL_INTERVAL", 10, 1, 3600),
             heartbeat_interval=integer("HEARTBEAT_INTERVAL", 60, 1, 86400),
             serial_port=serial_port,
             serial_baud=baud,
-            data_dir=Path(text("MASH_DATA_DIR", "data")),
+            data_dir=data_dir_from(env),
             queue_dir=Path(text("MASH_QUEUE_DIR")) if text("MASH_QUEUE_DIR") else None,
             runtime_dir=Path(text("RUNTIME_DIRECTORY")) if text("RUNTIME_DIRECTORY") else None,
             thresholds=thresholds,

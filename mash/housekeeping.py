@@ -9,8 +9,9 @@ import time
 from mash.alerts import AlertEngine, AlertEvent
 from mash.config import Settings
 from mash.control import ClimateController
+from mash.commands import limits_in_force
 from mash.models.retention import OWED_STALE
-from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
+from mash.rules import ConfigError
 
 log = logging.getLogger("mash.reader")
 
@@ -106,20 +107,22 @@ class Housekeeping:
             return
         self._configured = configured
         configured = configured or {}
-        if configured.get("thresholds"):
-            try:
-                self.engine.thresholds = merge_thresholds(self.settings.thresholds,
-                                                          configured["thresholds"], "CONFIGURE")
+        try:     # the same function a CONFIGURE is checked with before it is stored
+            thresholds, rules = limits_in_force(self.settings, configured)
+        except ConfigError as exc:        # stored before that check, or ALERT_THRESHOLDS changed
+            log.error("ignoring the configured limits and rules: %s", exc)
+            thresholds, rules = None, None
+        if thresholds is not None:
+            self.engine.thresholds = thresholds
+            if configured.get("thresholds"):
                 log.info("alert thresholds updated by CONFIGURE")
-            except ConfigError as exc:
-                log.error("ignoring configured thresholds: %s", exc)
         if self.controller is None:
             return
         try:
-            if configured.get("control"):
-                base = merge_control(DEFAULT_CONTROL, self.settings.control_rules)
-                self.controller.rules = merge_control(base, configured["control"], "CONFIGURE")
-                log.info("climate control rules updated by CONFIGURE")
+            if rules is not None:
+                self.controller.rules = rules
+                if configured.get("control"):
+                    log.info("climate control rules updated by CONFIGURE")
             if configured.get("mode"):
                 self.controller.set_room_modes(configured["mode"])
                 log.info("room modes: %s", ", ".join(f"{room} {m}" for room, m in

@@ -53,9 +53,11 @@ def merge_thresholds(base: dict, override: object, key: str = "ALERT_THRESHOLDS"
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise ConfigError(key, f"{room}.{name}: must be a number")
             merged[room][name] = float(value)
-        lo, hi = merged[room].get("temp_min"), merged[room].get("temp_max")
-        if lo is not None and hi is not None and lo >= hi:
-            raise ConfigError(key, f"{room}: temp_min must be below temp_max")
+    for room, limits in merged.items():        # the result, not only the rooms overridden
+        for low, high in (("temp_min", "temp_max"), ("humidity_min", "humidity_max")):
+            lo, hi = limits.get(low), limits.get(high)
+            if lo is not None and hi is not None and lo >= hi:
+                raise ConfigError(key, f"{room}: {low} ({lo:g}) must be below {high} ({hi:g})")
     return merged
 
 
@@ -74,8 +76,14 @@ DEFAULT_CONTROL = {
 
 def merge_control(base: dict, override: object, key: str = "CONTROL_RULES") -> dict:
     """``override`` ({room: {rule: value}}, plus ``min_switch_s`` / ``mist_max_s``) laid over
-    ``base``; raises ConfigError (naming ``key``) on an unknown room or rule or a value of the
-    wrong kind. Used for .env and the CONFIGURE command's ``control``."""
+    ``base``; raises ConfigError (naming ``key``) on an unknown room or rule, a value of the
+    wrong kind (``overlay_control``) or rules that contradict each other in the result
+    (``check_control``). Used for .env and the CONFIGURE command's ``control``."""
+    return check_control(overlay_control(base, override, key), key)
+
+
+def overlay_control(base: dict, override: object, key: str = "CONTROL_RULES") -> dict:
+    """``override`` laid over ``base``, each value checked on its own (its name and kind)."""
     def fail(why):
         raise ConfigError(key, why)
     if not isinstance(override, dict):
@@ -101,15 +109,22 @@ def merge_control(base: dict, override: object, key: str = "CONTROL_RULES") -> d
                 v = (_seconds(f"{room_key}.{name}", v, fail) if name.endswith("_s")
                      else _number(f"{room_key}.{name}", v, fail))
             merged[room_key][name] = v
+    return merged
+
+
+def check_control(merged: dict, key: str = "CONTROL_RULES") -> dict:
+    """``merged`` unless its rules contradict each other (ConfigError naming ``key``)."""
+    def fail(why):
+        raise ConfigError(key, why)
     f = merged["fruiting"]
     if not f["humidity_low"] < f["humidity_target"] < f["humidity_high"] <= 100:
         fail("fruiting: humidity_low < humidity_target < humidity_high <= 100")
     for room in ROOMS:
         r = merged[room]
         if r["temp_off"] >= r["temp_on"]:
-            fail(f"{room}: temp_off must be below temp_on")
+            fail(f"{room}: temp_off ({r['temp_off']:g}) must be below temp_on ({r['temp_on']:g})")
     if f["co2_off"] >= f["co2_on"]:
-        fail("fruiting: co2_off must be below co2_on")
+        fail(f"fruiting: co2_off ({f['co2_off']:g}) must be below co2_on ({f['co2_on']:g})")
     if merged["mist_max_s"] < f["mist_s"]:
         fail("mist_max_s must be at least fruiting.mist_s")
     return merged

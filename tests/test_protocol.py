@@ -1,9 +1,11 @@
+import inspect
 import json
+import sys
 
 from hypothesis import given, settings, strategies as st
 
 from mash import protocol
-from mash.contract import MAX_BOARD_COMMAND, RANGES, ROOMS
+from mash.contract import MAX_BOARD_COMMAND, MAX_LINE, RANGES, ROOMS
 from mash.protocol import (Ack, Bad, BoardReset, CommandError, Info, Reading, Watchdog,
                            WatchdogRecovered, parse_line)
 
@@ -52,7 +54,21 @@ def test_truncated_and_garbage_lines_are_bad():
     assert parse_line(b"hello world").kind == "unknown_line"
     assert parse_line(b"{}").kind == "bad_json"
     assert parse_line(b"[1,2,3]").kind == "unknown_line"
-    assert parse_line(b"{" * 5000 + b"}" * 5000).kind in ("too_long", "bad_json")
+    assert parse_line(b"{" * 5000 + b"}" * 5000).kind == "too_long"
+
+
+def test_deep_nesting_under_the_length_limit_is_parsed_and_classified():
+    depth = (MAX_LINE - len(b'{"fruiting":}')) // 2                 # as deep as a line can go
+    deep = b'{"fruiting":' + b"[" * depth + b"]" * depth + b"}"
+    assert len(deep) <= MAX_LINE and depth > 200                    # not the too_long path
+    assert parse_line(deep) == Reading(rooms=[], rejected={"fruiting": "bad_room_data"})
+    # nesting past what the decoder can take is a counted bad line, never an exception
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + depth // 2)       # below the line's depth
+    try:
+        assert parse_line(deep) == Bad("bad_json", "nested too deep")
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_board_lines_are_recognised():

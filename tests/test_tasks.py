@@ -355,7 +355,9 @@ def test_alerts_are_delivered_once_per_sink(gateway, observer):
     wait_for(lambda: not gateway.store.owed("mqtt"), what="PUBACKs")
     tasks.deliver()
     delivery.deliver_owed(gateway)
-    time.sleep(0.5)
+    wait_for(lambda: len(observer.on("/alerts")) >= 2 and len(gateway.devserver.state()["alerts"]) >= 2
+             and not gateway.store.owed("backend") and not gateway.store.owed("mqtt"),
+             what="both alerts at both sinks")
     backend = gateway.devserver.state()["alerts"]
     assert [(a["eventType"], a["severity"]) for a in backend] == [("high_co2", "CRITICAL"),
                                                                  ("high_co2_cleared", "INFO")]

@@ -242,14 +242,14 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
     @app.post("/api/thresholds")
     def thresholds():
         body = guarded_post()
-        command_id, merged = actions.configure(store, {"thresholds": body.get("thresholds")})
+        command_id, merged = actions.configure(settings, store, {"thresholds": body.get("thresholds")})
         log.info("dashboard: alert limits changed (%s)", command_id)
         return jsonify(id=command_id, thresholds=data.thresholds(settings, store))
 
     @app.post("/api/mode")
     def mode():
         body = guarded_post()
-        command_id = actions.set_mode(store, body.get("room"), body.get("mode"))
+        command_id = actions.set_mode(settings, store, body.get("room"), body.get("mode"))
         log.info("dashboard: %s set to %s (%s)", body.get("room"), body.get("mode"), command_id)
         return jsonify(id=command_id)
 

@@ -1,7 +1,8 @@
 """What the grower can do from the page, each through the path the other processes use: a
 relay switch goes into the command ledger (source ``local``) for the reader to write and the
 worker to acknowledge to both sinks; limits and room modes are a ``CONFIGURE`` (the same
-validation and merge as the command, recorded in the ledger and acknowledged the same way);
+check against the limits in force and merge as the command, ``commands.configure``, recorded
+in the ledger and acknowledged the same way);
 "Sync now" runs ``mash sync`` itself, which enqueues the queue's forced sync. (As a child
 process: importing the worker's tasks here would cost the dashboard 18 MB of cloud clients
 it never uses.)"""
@@ -15,7 +16,8 @@ import sys
 import threading
 
 from mash import protocol
-from mash.commands import Rejected, merge_configuration, validate_configuration
+from mash.commands import Rejected, configure as checked_configuration
+from mash.config import Settings
 from mash.contract import ROOM_MODES, ROOMS
 from mash.models import COMPLETED, Store
 
@@ -39,28 +41,28 @@ def switch(store: Store, actuator, state) -> str:
     return command_id
 
 
-def configure(store: Store, params) -> tuple[str, dict]:
-    """Apply a CONFIGURE from the page; returns ``(command id, configuration now)``."""
+def configure(settings: Settings, store: Store, params) -> tuple[str, dict]:
+    """Apply a CONFIGURE from the page; returns ``(command id, configuration now)``. One that
+    cannot run with the limits in force is a 400 and stored nowhere."""
     if not isinstance(params, dict) or not params:
         raise ActionError("nothing to change")
-    try:
-        validate_configuration(params)
-    except Rejected as exc:
-        raise ActionError(str(exc).removeprefix("malformed: ")) from None
     command_id = _command_id()
     with store.transaction():
-        merged = merge_configuration(store.meta_get("configuration", {}), params)
+        try:
+            merged = checked_configuration(settings, store.meta_get("configuration"), params)
+        except Rejected as exc:
+            raise ActionError(str(exc).removeprefix("malformed: ")) from None
         store.meta_set("configuration", merged)
         store.add_command(command_id, "CONFIGURE", params, "local", status=COMPLETED,
                           response={"configuration": merged})
     return command_id, merged
 
 
-def set_mode(store: Store, room, mode) -> str:
+def set_mode(settings: Settings, store: Store, room, mode) -> str:
     if room not in ROOMS or mode not in ROOM_MODES:
         raise ActionError(f"room must be one of {', '.join(ROOMS)} and mode one of "
                           f"{', '.join(ROOM_MODES)}")
-    return configure(store, {"mode": {room: mode}})[0]
+    return configure(settings, store, {"mode": {room: mode}})[0]
 
 
 log = logging.getLogger("mash.dashboard")

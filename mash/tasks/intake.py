@@ -11,7 +11,7 @@ import logging
 import queue
 
 from mash.clock import from_epoch
-from mash.commands import Rejected, merge_configuration, parse_payload, usable_id, validate
+from mash.commands import Rejected, configure, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING
 from mash.tasks.loop import BackgroundLoop
@@ -60,6 +60,8 @@ def intake(ctx, cmd: dict, source: str, size: int | None = None) -> str:
         log.info("command %s from %s: set %s %s (for the reader)", command_id, source,
                  params["actuator"], params["state"])
         return "queued"
+    if command == "CONFIGURE":
+        return configure_command(ctx, command_id, params, source)
     if not store.add_command(command_id, command, params, source, status=RUNNING):
         return "duplicate"
     response = run_worker_command(ctx, command, params)
@@ -75,12 +77,35 @@ def run_worker_command(ctx, command: str, params: dict) -> dict:
     if command == "force_sync":
         ctx.wake("sync")
         return {"sync": "enqueued"}
-    if command == "CONFIGURE":
-        merged = merge_configuration(ctx.store.meta_get("configuration", {}), params)
-        ctx.store.meta_set("configuration", merged)
-        ctx.reload_configuration()
-        return {"configuration": merged}
     raise AssertionError(command)
+
+
+def configure_command(ctx, command_id: str, params: dict, source: str) -> str:
+    """CONFIGURE: checked against the limits in force (``commands.configure``), then stored
+    and acknowledged in one transaction, so the dashboard, a pulled configuration and this
+    never merge over each other. One that cannot run with those limits is acknowledged
+    ``failed`` with the reason and stored nowhere."""
+    store = ctx.store
+    with store.transaction():
+        if not store.add_command(command_id, "CONFIGURE", params, source, status=RUNNING):
+            return "duplicate"
+        try:
+            merged = configure(ctx.settings, store.meta_get("configuration"), params)
+        except Rejected as exc:
+            store.finish_command(command_id, False, reason=str(exc))
+            store.incr("bad_command.rejected")
+            merged, reason = None, str(exc)
+        else:
+            store.meta_set("configuration", merged)
+            store.finish_command(command_id, True, response={"configuration": merged})
+    ctx.wake("deliver")
+    if merged is None:
+        _rejected_log("rejected", f"{command_id}: {reason}")
+        log.info("command %s from %s failed: %s", command_id, source, reason)
+        return "failed"
+    ctx.reload_configuration()
+    log.info("command %s from %s (CONFIGURE) completed", command_id, source)
+    return "done"
 
 
 def poll_commands(ctx) -> int:

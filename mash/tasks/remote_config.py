@@ -8,7 +8,8 @@ The rule (a newer CONFIGURE wins): a pulled configuration is applied, merged exa
 next change made in the backend (or Firebase) overrides it in turn: whichever was changed
 last is what the gateway runs with. Settings the gateway does not know are ignored (named in
 one log line); a configuration whose known settings are invalid is refused as a whole, once
-per version of it.
+per version of it, and so is one that cannot run with the limits in force (the same check
+as a ``CONFIGURE``'s).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import hashlib
 import json
 import logging
 
-from mash.commands import CONFIGURABLE, Rejected, merge_configuration, validate_configuration
+from mash.commands import CONFIGURABLE, Rejected, configure
 from mash.cloud.firebase import FirebaseError
 from mash.tasks.sync import backend_call, ensure_registered
 
@@ -55,19 +56,21 @@ def apply_pulled(ctx, source: str, config) -> str:
     if ignored:
         log.info("configuration from %s: ignoring settings the gateway does not have: %s",
                  source, ", ".join(map(str, ignored))[:200])
-    try:
-        validate_configuration(known)
-    except Rejected as exc:
-        log.error("configuration from %s refused: %s", source, exc)
-        with store.transaction():
-            store.meta_set("pulled_configuration", {**seen, source: digest})
-            store.incr("config_pull.refused")
-        return f"refused: {exc}"
-    with store.transaction():
-        if known:
-            store.meta_set("configuration",
-                           merge_configuration(store.meta_get("configuration", {}), known))
+    with store.transaction():         # checked against the limits in force, as a CONFIGURE is
+        try:
+            merged = configure(ctx.settings, store.meta_get("configuration"), known)
+        except Rejected as exc:
+            refused = exc
+        else:
+            refused = None
+            if known:
+                store.meta_set("configuration", merged)
         store.meta_set("pulled_configuration", {**seen, source: digest})
+        if refused is not None:
+            store.incr("config_pull.refused")
+    if refused is not None:
+        log.error("configuration from %s refused: %s", source, refused)
+        return f"refused: {refused}"
     ctx.reload_configuration()
     if known:
         log.info("configuration from %s applied: %s", source, ", ".join(sorted(known)))
