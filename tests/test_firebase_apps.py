@@ -261,3 +261,10 @@ def test_serial_pattern_is_a_warning_only(make_settings):
     assert "not a MASH serial" in serial_warning("rpi_gateway_001")
     assert serial_warning("MASH-B2-cal26-CE637C")
     assert make_settings(DEVICE_ID="rpi_gateway_001").device_id == "rpi_gateway_001"
+    from mash.doctor import Doctor
+    doctor = Doctor()
+    doctor.settings = make_settings(DEVICE_ID="rpi_gateway_001")
+    check = doctor.device_serial()
+    assert (check.check, check.ok) == ("device serial", None) and check.detail.startswith("warning:")
+    doctor.settings = make_settings(DEVICE_ID=SERIAL)
+    assert doctor.device_serial().ok is True
