@@ -2,6 +2,7 @@
 real store, with the worker's own jobs and loops called directly."""
 import datetime as dt
 import json
+from fractions import Fraction
 
 import pytest
 
@@ -41,7 +42,8 @@ def line(i):
 
 
 def expected_hours(store):
-    """Every (room, hour) the store holds, aggregated in Python from the rows themselves."""
+    """Every (room, hour) the store holds, aggregated in Python from the rows themselves (the
+    exact decimal mean, rounded half to even)."""
     S = store.m.SensorData
     hours = {}
     for r in S.select().order_by(S.id):
@@ -52,7 +54,8 @@ def expected_hours(store):
                "last_ts": to_epoch(max(r.timestamp for r in rows))}
         for name, field in (("temp", "temperature"), ("hum", "humidity"), ("co2", "co2")):
             values = [getattr(r, field) for r in rows]
-            agg.update({f"avg_{name}": round(sum(values) / len(values), 2),
+            exact_mean = sum(Fraction(str(v)) for v in values) / len(values)
+            agg.update({f"avg_{name}": float(round(exact_mean, 2)),
                         f"min_{name}": round(min(values), 2), f"max_{name}": round(max(values), 2)})
         out[key] = agg
     return out
@@ -268,3 +271,15 @@ def test_serial_pattern_is_a_warning_only(make_settings):
     assert (check.check, check.ok) == ("device serial", None) and check.detail.startswith("warning:")
     doctor.settings = make_settings(DEVICE_ID=SERIAL)
     assert doctor.device_serial().ok is True
+
+
+def test_a_mean_on_a_tie_is_exact_whatever_the_chunks(apps, rtdb):
+    ctx = apps()
+    t0 = utcnow().replace(minute=0, second=0, microsecond=0)
+    for i, hum in enumerate((85.41, 85.42, 85.41, 85.42)):
+        ctx.store.save_sensor_data({"fruiting": {"temp": 24.1, "humidity": hum, "co2": 801}},
+                                   timestamp=t0 + dt.timedelta(seconds=i))
+    aggregates.accumulate(ctx.store, chunk=1)          # one reading per transaction
+    firebase_apps.backup_aggregates(ctx)
+    (value,) = tree_hours(rtdb).values()
+    assert value["avg_hum"] == 85.42 and value["avg_temp"] == 24.1 and value["sample_count"] == 4

@@ -5,7 +5,7 @@ import datetime as dt
 from mash import ids
 from mash.clock import utcnow
 from mash.models import Store
-from tests.services import Gateway, wait_for, whole_stack
+from tests.services import Gateway, stop_process, wait_for, whole_stack
 from tests.test_firebase_apps import SERIAL, expected_hours, tree_hours
 
 MIST_ON = b'{"actuator":"MIST_MAKER","state":"ON"}'
@@ -50,13 +50,16 @@ def test_apps_see_the_gateway_and_their_commands_move_the_relays(tmp_path):
         current = utcnow().strftime("%Y-%m/%d/%H:00")
         finished = lambda: [p for p in written_twice_differently(rtdb)[1] if current not in p]  # noqa: E731
         # the backfill, killed twice mid-way: every finished hour is written with one content
+        kills = 0
         for _ in range(2):
             before = len(finished())
             wait_for(lambda: len(finished()) > before, timeout=30, what="backfill progress")
             if len(finished()) >= seeded_hours:
                 break
             Gateway.kill(gw.worker)
+            kills += 1
             gw.start_worker()
+        assert kills >= 1, "the backfill ended before the worker could be killed mid-way"
         wait_for(lambda: len(finished()) >= seeded_hours, timeout=60, what="backfill done")
         assert written_twice_differently(rtdb)[0] == []
 
@@ -74,8 +77,13 @@ def test_apps_see_the_gateway_and_their_commands_move_the_relays(tmp_path):
                                     "timestamp": r.timestamp.replace(tzinfo=dt.timezone.utc).timestamp()}
                                    for r in rows))(list(S.select().order_by(S.id.desc()).limit(2))),
                  timeout=5, what="latest_reading equal to the last line")
-        wait_for(lambda: tree_hours(rtdb) == expected_hours(store), timeout=15,
-                 what="every hour exact")
+        try:
+            wait_for(lambda: tree_hours(rtdb) == expected_hours(store), timeout=15,
+                     what="every hour exact")
+        except AssertionError:
+            got, want = tree_hours(rtdb), expected_hours(store)
+            diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+            raise AssertionError(f"hours differ: {len(diff)} {list(diff.items())[:3]}") from None
 
         # a command pressed in the app: the relay moves, the item goes, the outcome shows
         rtdb._set(["devices", SERIAL, "command_queue", "-Nq1"],
@@ -99,6 +107,9 @@ def test_apps_see_the_gateway_and_their_commands_move_the_relays(tmp_path):
         assert board.received.count(MIST_ON) == 1
         C = store.m.Command
         assert C.select().where(C.command_id == "fb--Nq1").count() == 1
-        assert rtdb._get(["devices", SERIAL, "status", "status"]) == "ONLINE"
+        wait_for(lambda: rtdb._get(["devices", SERIAL, "status", "status"]) == "ONLINE", timeout=10,
+                 what="status ONLINE")
         observer.close()
+        stop_process(gw.worker, timeout=20)               # a clean stop says OFFLINE
+        assert rtdb._get(["devices", SERIAL, "status", "status"]) == "OFFLINE"
     store.close()

@@ -11,16 +11,19 @@ progress marker. Retention deleting old readings never changes a row: the histor
 from __future__ import annotations
 
 import datetime as dt
+from fractions import Fraction
 
 from mash.clock import to_epoch
 
 PROGRESS = "aggregates_progress"
+SCALE = 10_000      # sums are integers in 1/SCALE of the unit (values have at most 4 decimals)
 
 _ADD = """
 INSERT INTO hour_aggregates (room, hour, count, sum_temp, min_temp, max_temp, sum_hum, min_hum,
                              max_hum, sum_co2, min_co2, max_co2, first_ts, last_ts, written)
-SELECT room, substr(timestamp, 1, 13), COUNT(*), SUM(temperature), MIN(temperature),
-       MAX(temperature), SUM(humidity), MIN(humidity), MAX(humidity), SUM(co2), MIN(co2),
+SELECT room, substr(timestamp, 1, 13), COUNT(*), SUM(CAST(round(temperature * 10000) AS INTEGER)),
+       MIN(temperature), MAX(temperature), SUM(CAST(round(humidity * 10000) AS INTEGER)),
+       MIN(humidity), MAX(humidity), SUM(CAST(round(co2 * 10000) AS INTEGER)), MIN(co2),
        MAX(co2), MIN(timestamp), MAX(timestamp), 0
 FROM sensor_data WHERE id > ? AND id <= ? {simulated}
 GROUP BY room, substr(timestamp, 1, 13)
@@ -51,7 +54,7 @@ def _limit(store) -> int:
     return last if hold is None else min(last, hold - 1)
 
 
-def accumulate(store, chunk: int = 50_000, include_simulated: bool = False) -> int:
+def accumulate(store, chunk: int = 10_000, include_simulated: bool = False) -> int:
     """Add every reading past the marker (up to the clock hold) into its hour, ``chunk``
     ids per transaction; returns how many ids were passed. Readings of the simulated board
     are left out unless ``include_simulated`` (SIM_SYNC)."""
@@ -97,17 +100,18 @@ def _ts(value) -> float | None:
 
 
 def value(row) -> dict:
-    """The apps' aggregate object: values rounded to 2 decimals, ``null`` with no sample."""
+    """The apps' aggregate object: values rounded to 2 decimals, ``null`` with no sample. The
+    mean is exact (integer sums), rounded half to even: no float noise decides a tie."""
     n = row.count
+
+    def avg(total):
+        return float(round(Fraction(total, n * SCALE), 2)) if n else None
 
     def r(x):
         return None if x is None or not n else round(x, 2)
-    return {"avg_temp": r(row.sum_temp / n if n else None), "min_temp": r(row.min_temp),
-            "max_temp": r(row.max_temp),
-            "avg_hum": r(row.sum_hum / n if n else None), "min_hum": r(row.min_hum),
-            "max_hum": r(row.max_hum),
-            "avg_co2": r(row.sum_co2 / n if n else None), "min_co2": r(row.min_co2),
-            "max_co2": r(row.max_co2),
+    return {"avg_temp": avg(row.sum_temp), "min_temp": r(row.min_temp), "max_temp": r(row.max_temp),
+            "avg_hum": avg(row.sum_hum), "min_hum": r(row.min_hum), "max_hum": r(row.max_hum),
+            "avg_co2": avg(row.sum_co2), "min_co2": r(row.min_co2), "max_co2": r(row.max_co2),
             "sample_count": n, "first_ts": _ts(row.first_ts), "last_ts": _ts(row.last_ts)}
 
 

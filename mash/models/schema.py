@@ -144,17 +144,18 @@ class KeyValue(Model):
 class HourAggregate(Model):
     """One room's readings of one UTC hour, summed as they are stored (CONTRACT §8's
     ``historical_aggregates``), and the count last written to Firebase: an hour is owed while
-    ``written`` differs from ``count`` (new readings, late ones, rebased ones)."""
+    ``written`` differs from ``count`` (new readings, late ones, rebased ones). Sums are
+    integers in 1/10,000 of the unit: exact whatever the order they were added in."""
     room = CharField()
     hour = CharField()                       # "YYYY-MM-DD HH", UTC
     count = IntegerField(default=0)
-    sum_temp = FloatField(default=0)
+    sum_temp = IntegerField(default=0)
     min_temp = FloatField(null=True)
     max_temp = FloatField(null=True)
-    sum_hum = FloatField(default=0)
+    sum_hum = IntegerField(default=0)
     min_hum = FloatField(null=True)
     max_hum = FloatField(null=True)
-    sum_co2 = FloatField(default=0)
+    sum_co2 = IntegerField(default=0)
     min_co2 = FloatField(null=True)
     max_co2 = FloatField(null=True)
     first_ts = DateTimeField(null=True)

@@ -51,6 +51,7 @@ class WorkerService:
         for part in (self.fb_commands, self.fb_live, self.live, self.scheduler, self.intake):
             if part is not None:
                 part.stop()
+        firebase_apps.say_offline(self.ctx)
         self.ctx.close()
         log.info("worker stopped")
 

@@ -108,7 +108,7 @@ def sync_readings(ctx) -> int:
 def backup_firebase(ctx) -> int:
     """Copy readings past the Firebase progress marker, one multi-path update per batch."""
     fb = ctx.firebase
-    if fb is None or not fb.is_initialized:
+    if fb is None or not fb.is_initialized or not fb.guide:   # apps only: firebase_apps
         return 0
     store = ctx.store
     progress = store.sink("firebase").progress or 0
