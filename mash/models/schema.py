@@ -70,7 +70,7 @@ class Command(Model):
     command_id = CharField(unique=True)
     command = CharField()
     parameters = TextField(default="{}")
-    source = CharField()                     # backend | mqtt | local | auto
+    source = CharField()                     # backend | mqtt | local | auto | firebase
     received_at = DateTimeField()
     expires_at = DateTimeField(null=True)
     status = CharField()                     # queued | running | completed | failed
@@ -104,7 +104,7 @@ class ActuatorState(Model):
     actuator = CharField(primary_key=True)
     desired = CharField()
     updated_at = DateTimeField()
-    source = CharField(default="backend")    # backend | mqtt | local | auto
+    source = CharField(default="backend")    # backend | mqtt | local | auto | firebase
 
     class Meta:
         table_name = "actuator_state"
