@@ -107,6 +107,17 @@ def test_apps_see_the_gateway_and_their_commands_move_the_relays(tmp_path):
         assert board.received.count(MIST_ON) == 1
         C = store.m.Command
         assert C.select().where(C.command_id == "fb--Nq1").count() == 1
+        # a CO2 episode read by the reader: the alert shows while it lasts, two notifications
+        board.paused = False
+        board.set_values("fruiting", co2=3000)
+        alert = ["alerts", SERIAL, "fruiting_high_co2"]
+        wait_for(lambda: rtdb._get(alert), timeout=20, what="the alert in Firebase")
+        assert rtdb._get(alert)["severity"] == "CRITICAL" and rtdb._get(alert)["active"] is True
+        board.set_values("fruiting", co2=600)
+        wait_for(lambda: rtdb._get(alert) is None, timeout=20, what="the alert cleared")
+        notes = [n for n in (rtdb._get(["notifications", SERIAL]) or {}).values()
+                 if n["alert_type"] == "high_co2"]
+        assert sorted(n["event_type"] for n in notes) == ["alert_raised", "alert_resolved"]
         wait_for(lambda: rtdb._get(["devices", SERIAL, "status", "status"]) == "ONLINE", timeout=10,
                  what="status ONLINE")
         observer.close()
