@@ -283,3 +283,16 @@ def test_a_mean_on_a_tie_is_exact_whatever_the_chunks(apps, rtdb):
     firebase_apps.backup_aggregates(ctx)
     (value,) = tree_hours(rtdb).values()
     assert value["avg_hum"] == 85.42 and value["avg_temp"] == 24.1 and value["sample_count"] == 4
+
+
+def test_the_controllers_switches_wait_for_the_sweep_and_an_apps_command_does_not(apps):
+    ctx = apps()
+    ctx.store.add_command("auto-7", "set_actuator", {"actuator": "FRUITING_LED", "state": "ON"},
+                          "auto", status="completed", response={}, desired=("FRUITING_LED", "ON"))
+    O = ctx.store.m.Outbox                # the acks aside: only the relay item is left
+    O.update(done_at=utcnow()).where(O.sink != "firebase").execute()
+    assert ctx.store.has_undelivered() and not ctx.store.has_undelivered(urgent_only=True)
+    delivery.deliver_owed(ctx)
+    ctx.store.add_command("fb-x", "set_actuator", {"actuator": "FRUITING_LED", "state": "OFF"}, "firebase")
+    ctx.store.finish_command("fb-x", True, desired=("FRUITING_LED", "OFF"))
+    assert ctx.store.has_undelivered(urgent_only=True)

@@ -7,6 +7,7 @@ re-send overwrites itself. Owed only while the worker says the apps' layout is o
 """
 from __future__ import annotations
 
+from mash import ids
 from mash.clock import iso, utcnow
 from mash.models.schema import FB_ALERT, FB_RELAY
 
@@ -25,8 +26,10 @@ def owe_relay(store, actuator: str, state: str, source: str) -> None:
     at = utcnow()
     states = {a: row["state"] for a, row in store.actuator_states().items()}
     states[actuator] = state
-    store.outbox.add(FB_RELAY, actuator, {"actuator": actuator, "state": state, "source": source,
-                                          "at": iso(at), "states": states}, sinks=SINK)
+    # the climate controller's switches wait for the delivery sweep (several in one update)
+    ref = f"{ids.AUTO_PREFIX}{actuator}" if source == "auto" else actuator
+    store.outbox.add(FB_RELAY, ref, {"actuator": actuator, "state": state, "source": source,
+                                     "at": iso(at), "states": states}, sinks=SINK)
 
 
 def owe_alert(store, alert) -> None:
