@@ -156,6 +156,10 @@ def test_latest_reading_follows_the_newest_line_and_never_goes_back(apps, rtdb):
 def test_relay_changes_give_latest_actuators_and_one_log_each(apps, rtdb):
     ctx = apps()
     store = ctx.store
+    # a worker starting says every relay as it is, before any switch
+    assert delivery.deliver_owed(ctx) == 1
+    before = rtdb.tree["devices"][SERIAL]["latest_actuators"]
+    assert before["fruiting"]["mist_maker"] is False and "actuator_logs" not in rtdb.tree
     store.add_command("c1", "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"}, "firebase")
     store.finish_command("c1", True, desired=("MIST_MAKER", "ON"))
     store.add_command("auto-1", "set_actuator", {"actuator": "SPAWNING_EXHAUST_FAN", "state": "ON"},
@@ -172,8 +176,9 @@ def test_relay_changes_give_latest_actuators_and_one_log_each(apps, rtdb):
     # a re-send (a crash before it was marked done) overwrites itself
     O = store.m.Outbox
     O.update(done_at=None).where(O.sink == "firebase").execute()
-    assert delivery.deliver_owed(ctx) == 2
+    assert delivery.deliver_owed(ctx) == 3              # the snapshot and the two switches
     assert len(rtdb.tree["actuator_logs"][SERIAL]) == 2
+    assert rtdb.tree["devices"][SERIAL]["latest_actuators"] == dev
 
 
 def test_a_co2_episode_shows_then_clears_with_two_notifications(apps, rtdb):
@@ -287,6 +292,7 @@ def test_a_mean_on_a_tie_is_exact_whatever_the_chunks(apps, rtdb):
 
 def test_the_controllers_switches_wait_for_the_sweep_and_an_apps_command_does_not(apps):
     ctx = apps()
+    delivery.deliver_owed(ctx)            # the start's snapshot
     ctx.store.add_command("auto-7", "set_actuator", {"actuator": "FRUITING_LED", "state": "ON"},
                           "auto", status="completed", response={}, desired=("FRUITING_LED", "ON"))
     O = ctx.store.m.Outbox                # the acks aside: only the relay item is left

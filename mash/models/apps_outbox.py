@@ -32,6 +32,14 @@ def owe_relay(store, actuator: str, state: str, source: str) -> None:
                                      "at": iso(at), "states": states}, sinks=SINK)
 
 
+def owe_snapshot(store) -> None:
+    """Every relay as it is (``latest_actuators`` only, no log entry): a worker starting with
+    the apps' layout on says it once, so the apps show the relays before the first switch."""
+    states = {a: row["state"] for a, row in store.actuator_states().items()}
+    store.outbox.add(FB_RELAY, "snapshot", {"actuator": None, "states": states,
+                                            "at": iso(utcnow())}, sinks=SINK)
+
+
 def owe_alert(store, alert) -> None:
     """An alert raised or cleared: the ``alerts`` entry set or deleted, and a notification."""
     if not wanted(store):

@@ -35,10 +35,14 @@ def apps_on(ctx) -> bool:
 
 def announce(ctx) -> None:
     """Tell every process (the reader records relays and alerts) whether the apps' layout is
-    owed those events: a flag in the store, written only when it changes."""
+    owed those events: a flag in the store, written only when it changes; with it on, owe
+    the relays' states as they are now."""
     want = apps_on(ctx)
-    if bool(ctx.store.meta_get(apps_outbox.FLAG)) != want:
-        ctx.store.meta_set(apps_outbox.FLAG, want)
+    with ctx.store.transaction():
+        if bool(ctx.store.meta_get(apps_outbox.FLAG)) != want:
+            ctx.store.meta_set(apps_outbox.FLAG, want)
+        if want:
+            apps_outbox.owe_snapshot(ctx.store)
 
 
 def say_offline(ctx, wait: float = 3.0) -> None:
@@ -111,6 +115,9 @@ def item_updates(serial: str, item) -> dict:
     at = parse_iso(m["at"])
     stamp = {"timestamp": m["at"], "timestamp_unix": int(to_epoch(at))}
     if item.kind == FB_RELAY:
+        latest = {fb.apps_path("latest_actuators", serial): fb.actuators_object(m["states"], at)}
+        if m["actuator"] is None:                  # a snapshot: no change to log
+            return latest
         key = f"{fb.time_key(at)}_{m['actuator']}"
         return {fb.apps_path("latest_actuators", serial): fb.actuators_object(m["states"], at),
                 fb.apps_path("actuator_log", serial, key=key):
