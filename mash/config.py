@@ -24,6 +24,10 @@ from mash.rules import (DEFAULT_CONTROL, DEFAULT_THRESHOLDS, ConfigError, merge_
 
 STANDARD_BAUDS = (300, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# CONTRACT §8: the MASH apps' serial format (the pattern only: the team's own serials fail
+# the check digit). Another DEVICE_ID still works; the log and ``mash doctor`` warn.
+MASH_SERIAL_RE = re.compile(r"^MASH-[ABR]\d+-[A-Z]{3}\d{2}-[0-9A-F]{6}$")
+FIREBASE_LAYOUTS = ("apps", "guide", "both")      # FIREBASE_LAYOUT: CONTRACT §8, §4, both
 
 
 def is_loopback(host: str | None) -> bool:
@@ -132,6 +136,7 @@ class Settings:
     mqtt_qos: int = 1
     firebase_database_url: str | None = None
     firebase_credentials: str = "config/firebase_config.json"
+    firebase_layout: str = "both"
     sync_interval: int = 60
     batch_size: int = 50
     command_poll_interval: int = 10
@@ -309,6 +314,11 @@ class Settings:
                 raise ConfigError("FIREBASE_DATABASE_URL", "plain http is refused except on a "
                                   "loopback host (an emulator)", fb_url)
 
+        firebase_layout = text("FIREBASE_LAYOUT", "both").lower()
+        if firebase_layout not in FIREBASE_LAYOUTS:
+            raise ConfigError("FIREBASE_LAYOUT", "must be apps (the MASH apps' paths), guide "
+                              "(the guide's sensor_data) or both", firebase_layout)
+
         return cls(
             device_id=device_id,
             device_name=text("DEVICE_NAME", cls.device_name),
@@ -326,6 +336,7 @@ class Settings:
             mqtt_qos=qos,
             firebase_database_url=fb_url,
             firebase_credentials=str(in_home(text("FIREBASE_CREDENTIALS", cls.firebase_credentials))),
+            firebase_layout=firebase_layout,
             sync_interval=integer("SYNC_INTERVAL", 60, 1, 86400),
             batch_size=integer("BATCH_SIZE", 50, 1, MAX_READINGS_PER_REQUEST),
             command_poll_interval=integer("COMMAND_POLL_INTERVAL", 10, 1, 3600),

@@ -33,7 +33,7 @@ from mash.clock import ClockSource, parse_iso, utcnow
 from mash.cloud import mqtt_client
 from mash.cloud.backend_api import BackendAPIClient
 from mash.cloud.errors import BackendError
-from mash.cloud.firebase import FirebaseError, FirebaseSync
+from mash.cloud.firebase import FirebaseError, FirebaseSync, serial_warning
 from mash.config import ConfigError, Settings
 from mash.models import Store
 from mash.models.migrations import SCHEMA_VERSION
@@ -80,6 +80,7 @@ class Doctor:
         yield from self.mqtt()
         yield from self.firebase()
         yield from self.processes()
+        yield self.device_serial()
 
     # -- serial ------------------------------------------------------------------------------
     def serial(self):
@@ -344,6 +345,15 @@ class Doctor:
                 if step == "tls" and detail.startswith("cannot reach"):
                     fix = "is the broker running? check MQTT_BROKER, MQTT_PORT and the network"
             yield Check(f"mqtt {step}", ok, detail, fix)
+
+    def device_serial(self) -> Check:
+        """DEVICE_ID against the MASH serial pattern (CONTRACT §8): a warning, never a
+        failure (``rpi_gateway_001`` keeps working; the MASH apps would not find it)."""
+        why = serial_warning(self.settings.device_id)
+        if why is None:
+            return Check("device serial", True, f"{self.settings.device_id} is a MASH serial")
+        return Check("device serial", None, f"warning: {why}",
+                     "set DEVICE_ID to the serial on the device's label if the MASH apps should see it")
 
     def firebase(self):
         s = self.settings

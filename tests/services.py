@@ -381,10 +381,15 @@ class RTDBStandIn:
             node = node.setdefault(s, {})
             if not isinstance(node, dict):
                 raise ValueError("path through a leaf")
-        if value is None:
+        if value is None or value == {}:
             node.pop(segs[-1], None)
         else:
             node[segs[-1]] = value
+        # the database holds no empty node: a parent left empty by a delete goes too
+        for depth in range(len(segs) - 1, 0, -1):
+            parent = self._get(segs[:depth - 1]) if depth > 1 else self.tree
+            if isinstance(parent, dict) and parent.get(segs[depth - 1]) == {}:
+                parent.pop(segs[depth - 1])
 
     def start(self) -> "RTDBStandIn":
         self.thread.start()

@@ -11,7 +11,8 @@ from tests.services import Broker, make_ca, wait_for, whole_stack
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("doctor")
-    with whole_stack(base, interval=0.2, CLOCK_SYNC="auto") as gw:
+    # a MASH serial: any other DEVICE_ID is a warning (tests/test_firebase_apps.py)
+    with whole_stack(base, interval=0.2, CLOCK_SYNC="auto", DEVICE_ID="MASH-B2-CAL26-CE637C") as gw:
         status = lambda: json.loads(gw.mash("status", "--json").stdout or "{}")   # noqa: E731
         wait_for(lambda: status().get("processes", {}).get("worker", {}).get("alive")
                  and status().get("mqtt_online") and status().get("total_synced"),
@@ -45,7 +46,7 @@ def test_doctor_passes_on_a_healthy_stack(stack):
     names = [c["check"] for c in report["checks"]]
     assert names[:5] == ["configuration", "serial port", "serial access", "serial holder", "serial reading"]
     assert {"clock", "store integrity", "backend login", "backend device", "mqtt tls", "mqtt auth",
-            "mqtt subscribe", "firebase read", "reader", "worker", "backlog"} <= set(names)
+            "mqtt subscribe", "firebase read", "reader", "worker", "backlog", "device serial"} <= set(names)
     holder = next(c for c in report["checks"] if c["check"] == "serial holder")
     assert "held by the reader" in holder["detail"]
     assert all(c["ok"] is True for c in report["checks"]), "every part configured and checked"

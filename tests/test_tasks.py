@@ -376,7 +376,8 @@ def test_heartbeat_registers_then_reports_status_everywhere(gateway, observer):
     assert device["serialNumber"] == DEVICE and device["status"] == "ONLINE"
     assert device["metadata"]["pending_records"] == 6 == stats["pending_records"]
     wait_for(lambda: [s for s in observer.on("/status") if s.get("pending_records") == 6], what="status")
-    assert gateway.rtdb.tree["devices"][DEVICE]["status"]["pending_records"] == 6
+    fb_status = gateway.rtdb.tree["devices"][DEVICE]["status"]      # CONTRACT §8's object
+    assert fb_status["status"] == "ONLINE" and fb_status["metadata"]["pending_records"] == 6
     assert gateway.store.get_stats()["backend_online"] is True
 
 

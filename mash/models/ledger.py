@@ -10,6 +10,7 @@ import json
 from peewee import IntegrityError
 
 from mash.clock import iso, utcnow
+from mash.models.apps_outbox import owe_relay
 from mash.models.outbox import ACK, ack_payload
 from mash.models.schema import COMPLETED, FAILED, FINAL, QUEUED, RUNNING
 
@@ -163,5 +164,6 @@ class LedgerMixin:
             if row.source != source:
                 A.update(source=source).where(A.actuator == actuator).execute()
             return
+        owe_relay(self, actuator, state, source)
         A.replace(actuator=actuator, desired=state, updated_at=now or utcnow(),
                   source=source).execute()

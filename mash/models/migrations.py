@@ -20,7 +20,7 @@ from mash.models.schema import create_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class SchemaTooNew(RuntimeError):
@@ -96,8 +96,15 @@ def _v5(db, migrator, m) -> None:
     create_indexes(db)
 
 
+def _v6(db, migrator, m) -> None:
+    """Each room's hourly sums for the MASH apps' ``historical_aggregates``, with what was
+    last written of each hour (the per-hour progress of the Firebase backfill)."""
+    db.create_tables([m.HourAggregate])
+    create_indexes(db)
+
+
 # version -> step that upgrades a database from version-1 to version.
-STEPS = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
+STEPS = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 def migrate(db, models) -> int:

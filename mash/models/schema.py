@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from peewee import (AutoField, CharField, DateTimeField, FloatField, IntegerField, Model,
+from peewee import (AutoField, CharField, CompositeKey, DateTimeField, FloatField, IntegerField, Model,
                     TextField)
 
 # sensor_data.synced. LOCAL: never sent to any sink (a simulated board's, without SIM_SYNC=1);
@@ -23,6 +23,8 @@ FINAL = (COMPLETED, FAILED)
 ALERT, ACK = "alert", "ack"
 # the sinks that are owed every alert and every command outcome
 OUTBOX_SINKS = ("backend", "mqtt")
+# outbox.kind of what only the MASH apps' Firebase layout is owed (sink "firebase")
+FB_RELAY, FB_ALERT = "fb_relay", "fb_alert"
 
 
 class SensorData(Model):
@@ -70,7 +72,7 @@ class Command(Model):
     command_id = CharField(unique=True)
     command = CharField()
     parameters = TextField(default="{}")
-    source = CharField()                     # backend | mqtt | local | auto
+    source = CharField()                     # backend | mqtt | local | auto | firebase
     received_at = DateTimeField()
     expires_at = DateTimeField(null=True)
     status = CharField()                     # queued | running | completed | failed
@@ -104,7 +106,7 @@ class ActuatorState(Model):
     actuator = CharField(primary_key=True)
     desired = CharField()
     updated_at = DateTimeField()
-    source = CharField(default="backend")    # backend | mqtt | local | auto
+    source = CharField(default="backend")    # backend | mqtt | local | auto | firebase
 
     class Meta:
         table_name = "actuator_state"
@@ -141,7 +143,34 @@ class KeyValue(Model):
         table_name = "meta"
 
 
-MODELS = (SensorData, Alert, Command, Outbox, ActuatorState, Counter, SinkState, KeyValue)
+class HourAggregate(Model):
+    """One room's readings of one UTC hour, summed as they are stored (CONTRACT §8's
+    ``historical_aggregates``), and the count last written to Firebase: an hour is owed while
+    ``written`` differs from ``count`` (new readings, late ones, rebased ones). Sums are
+    integers in 1/10,000 of the unit: exact whatever the order they were added in."""
+    room = CharField()
+    hour = CharField()                       # "YYYY-MM-DD HH", UTC
+    count = IntegerField(default=0)
+    sum_temp = IntegerField(default=0)
+    min_temp = FloatField(null=True)
+    max_temp = FloatField(null=True)
+    sum_hum = IntegerField(default=0)
+    min_hum = FloatField(null=True)
+    max_hum = FloatField(null=True)
+    sum_co2 = IntegerField(default=0)
+    min_co2 = FloatField(null=True)
+    max_co2 = FloatField(null=True)
+    first_ts = DateTimeField(null=True)
+    last_ts = DateTimeField(null=True)
+    written = IntegerField(default=0)
+
+    class Meta:
+        table_name = "hour_aggregates"
+        primary_key = CompositeKey("room", "hour")
+
+
+MODELS = (SensorData, Alert, Command, Outbox, ActuatorState, Counter, SinkState, KeyValue,
+          HourAggregate)
 
 
 # Indexes where a hot loop looks for the few open rows among many closed ones: the reader's
@@ -158,12 +187,16 @@ INDEXES = (
     "WHERE done_at IS NULL AND substr(ref, 1, 5) <> 'auto-'",
     "CREATE INDEX IF NOT EXISTS commands_local ON commands (seq) WHERE source = 'local'",
     "CREATE INDEX IF NOT EXISTS alerts_key ON alerts (room, event_type, id)",
+    "CREATE INDEX IF NOT EXISTS hour_aggregates_owed ON hour_aggregates (hour, room)"
+    " WHERE written != count",
 )
 
 
 def create_indexes(database) -> None:
+    """The indexes of the tables that exist (a migration step runs before later tables)."""
     for statement in INDEXES:
-        database.execute_sql(statement)
+        if database.table_exists(statement.split(" ON ")[1].split()[0]):
+            database.execute_sql(statement)
 
 
 def bind_models(database) -> SimpleNamespace:

@@ -26,7 +26,7 @@ from mash import ids
 from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
-from mash.models import retention, stats
+from mash.models import apps_outbox, retention, stats
 from mash.models.migrations import migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
@@ -324,6 +324,7 @@ class Store(LedgerMixin):
                                             room=e.room, value=e.value, threshold=e.threshold,
                                             message=e.message, state=e.state, created_at=now)
                 self.outbox.add(ALERT, alert.id, alert_payload(self.uid, alert), now=now)
+                apps_outbox.owe_alert(self, alert)
                 made.append(alert.id)
         return made
 

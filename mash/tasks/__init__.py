@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mash.config import ConfigError, Settings, environment, queue_path_from
 from mash.logs import setup_logging
-from mash.tasks import delivery, intake, remote_config, status, sync
+from mash.tasks import delivery, firebase_apps, intake, remote_config, status, sync
 from mash.tasks.context import WorkerContext
 from mash.tasks.queue import make_huey, run_job
 from mash.tasks.schedule import Periodic
@@ -81,6 +81,7 @@ def _job(fn, lock: bool = True, **retry):
 
 sync_readings = _job(sync.sync_readings, retries=4, retry_delay=5, retry_backoff=2)
 backup_firebase = _job(sync.backup_firebase, retries=4, retry_delay=5, retry_backoff=2)
+backup_aggregates = _job(firebase_apps.backup_aggregates, retries=4, retry_delay=5, retry_backoff=2)
 poll_commands = _job(intake.poll_commands)        # its next interval is its retry
 heartbeat = _job(status.heartbeat)
 pull_configuration = _job(remote_config.pull_configuration, retries=3, retry_delay=10,
@@ -102,6 +103,7 @@ def force_sync():
     """``mash sync``: upload, back up and deliver everything now."""
     sync_readings()
     backup_firebase()
+    backup_aggregates()
     deliver()
 
 
@@ -118,6 +120,8 @@ def periodic_jobs() -> list[Periodic]:
     return [
         Periodic("sync", sync_readings, due=sync.sync_due),
         Periodic("backup_firebase", backup_firebase, due=sync.backup_due, interval="sync"),
+        Periodic("backup_aggregates", backup_aggregates, due=firebase_apps.aggregates_due,
+                 interval="sync"),
         Periodic("poll", poll_commands, due=lambda ctx: ctx.backend is not None),
         Periodic("heartbeat", heartbeat),
         Periodic("pull_configuration", pull_configuration, interval="config",

@@ -22,6 +22,7 @@ from huey.exceptions import TaskLockedException
 
 from mash.cloud.errors import BackendError, NotFound, PermanentError
 from mash.models import ACK, ALERT
+from mash.tasks.firebase_apps import apps_on, deliver_firebase
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")
@@ -57,15 +58,17 @@ def deliver_owed(ctx) -> int:
         done = _to_backend(ctx)
     except BackendError as exc:
         _to_mqtt(ctx)
+        deliver_firebase(ctx)
         raise exc from None
-    return done + _to_mqtt(ctx)
+    return done + _to_mqtt(ctx) + deliver_firebase(ctx)
 
 
 def sinks_to_sweep(ctx) -> tuple[str, ...]:
     """The sinks a sweep can deliver to now: configured (and MQTT connected: its reconnect
     wakes the sweep)."""
     return tuple(name for name, on in (("backend", ctx.backend is not None),
-                                       ("mqtt", ctx.mqtt is not None and ctx.mqtt.is_alive()))
+                                       ("mqtt", ctx.mqtt is not None and ctx.mqtt.is_alive()),
+                                       ("firebase", apps_on(ctx)))
                  if on)
 
 

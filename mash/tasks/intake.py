@@ -1,4 +1,5 @@
-"""Commands in: the backend poll and MQTT feed one intake, and the ledger keeps each id once.
+"""Commands in: the backend poll, MQTT and the MASH apps' Firebase ``command_queue`` feed one
+intake, and the ledger keeps each id once.
 
 ``set_actuator`` waits in the ledger for the reader (the only writer to the serial port);
 ``REQUEST_STATUS``, ``force_sync`` and ``CONFIGURE`` are handled here, in the worker.
@@ -11,6 +12,7 @@ import logging
 import queue
 
 from mash.clock import from_epoch
+from mash.cloud.firebase import FirebaseError, QueueItemRejected, command_from_queue
 from mash.commands import Rejected, configure, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING
@@ -159,3 +161,52 @@ class MQTTIntake(BackgroundLoop):
                     intake(self.ctx, cmd, "mqtt", len(raw))
             except Exception:
                 log.exception("command intake failed")
+
+
+class FirebaseCommandQueue(BackgroundLoop):
+    """The MASH apps' ``devices/{serial}/command_queue`` (CONTRACT §8), polled every 2 s as
+    their gateway does: each item goes into the ledger as ``fb-{pushKey}`` (source
+    ``firebase``), then is deleted. The ledger keeps each id once, so an item whose delete
+    failed, or that a restarted worker sees again, is a duplicate, never a second run. A
+    malformed item is counted, logged once and deleted."""
+    POLL = 2.0
+    thread_name = "firebase-commands"
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+        self._counted: set[str] = set()     # malformed keys already counted (delete failed)
+        self._failing = False
+
+    def step(self) -> dict:
+        """One poll; returns {pushKey: what intake did} (raises FirebaseError)."""
+        fb, done = self.ctx.firebase, {}
+        items = fb.queue_items()
+        for key in sorted(items):               # push keys sort in the order they were made
+            try:
+                cmd = command_from_queue(key, items[key])
+            except QueueItemRejected as exc:
+                if key not in self._counted:
+                    self._counted.add(key)
+                    count_unusable(self.ctx.store, "firebase_item", f"{key}: {exc}")
+                done[key] = "dropped"
+            else:
+                done[key] = intake(self.ctx, cmd, "firebase")
+            fb.delete_queue_item(key)
+        return done
+
+    def run_loop(self) -> None:
+        store = self.ctx.store
+        while not self._stop.is_set():
+            try:
+                self.step()
+                if self._failing:
+                    self._failing = False
+                    store.sink_ok("firebase")
+            except FirebaseError as exc:
+                if not self._failing and store.sink_failed("firebase", str(exc)):
+                    log.warning("Firebase command queue unreachable: %s", exc)
+                self._failing = True
+            except Exception:
+                log.exception("Firebase command queue step failed")
+            self._stop.wait(self.POLL)

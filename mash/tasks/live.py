@@ -1,5 +1,6 @@
 """The live MQTT feed: each new reading published within ~50 ms of the reader's commit, and
-the retained ``actuator_states`` whenever a relay or a room's mode changes.
+the retained ``actuator_states`` whenever a relay or a room's mode changes; and the MASH
+apps' live values in Firebase (``FirebaseLiveFeed``).
 
 It watches SQLite's ``data_version`` (no write, no queue). Readings taken while the broker
 was away are not replayed here: they reach the backend and Firebase with their timestamps,
@@ -13,6 +14,8 @@ import logging
 from itertools import groupby
 
 from mash.clock import to_epoch
+from mash.cloud.firebase import FirebaseError, live_updates
+from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.tasks.loop import BackgroundLoop
 
@@ -85,3 +88,66 @@ class LiveFeed(BackgroundLoop):
             data["timestamp"] = to_epoch(ts)
             self.ctx.mqtt.publish_sensor_data(data, reading_id=self.ctx.store.reading_id(line[0].id))
             self.published += 1
+
+
+class FirebaseLiveFeed(BackgroundLoop):
+    """The MASH apps' live values (CONTRACT §8): ``devices/{serial}/latest_reading`` and
+    ``live_readings/{serial}/{room}`` from the newest stored line, one multi-path update per
+    line, within a poll (0.25 s) of the reader's commit.
+
+    Only the newest line is ever written, and never one older than the last written: after
+    an outage the apps see the present at once, not a replay, and a drain never writes an
+    older reading over a newer one (history goes to ``historical_aggregates``)."""
+    POLL = 0.25
+    RETRY = 2.0
+    thread_name = "firebase-live"
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+        self.written = 0
+        self.last_ts = None             # the newest line written
+
+    def newest_line(self):
+        """The newest stored line's rows (the store's own query: no held or filtered ones)."""
+        store = self.ctx.store
+        rows = store.readings_after(max(0, store.last_reading_id() - 4 * len(ROOMS)), 4 * len(ROOMS))
+        if not rows:
+            return None, []
+        ts = rows[-1].timestamp
+        return ts, [r for r in rows if r.timestamp == ts]
+
+    def step(self) -> bool:
+        """Write the newest line if it is newer than the last written; True when it wrote."""
+        ts, line = self.newest_line()
+        if ts is None or (self.last_ts is not None and ts <= self.last_ts):
+            return False
+        values = {r.room: {"temperature": r.temperature, "humidity": r.humidity, "co2": r.co2}
+                  for r in line}
+        self.ctx.firebase.update(live_updates(self.ctx.settings.device_id, values, to_epoch(ts)))
+        self.last_ts = ts
+        self.written += 1
+        return True
+
+    def run_loop(self) -> None:
+        store = self.ctx.store
+        version, failing = None, False
+        while not self._stop.is_set():
+            try:
+                v = store.data_version()
+                if v != version or failing:
+                    version = v
+                    self.step()
+                    if failing:
+                        failing = False
+                        if store.sink_ok("firebase"):
+                            log.info("Firebase reachable")
+            except FirebaseError as exc:
+                if not failing and store.sink_failed("firebase", str(exc)):
+                    log.warning("Firebase unreachable: %s", exc)
+                failing = True
+                self._stop.wait(self.RETRY)
+            except Exception:
+                log.exception("Firebase live feed step failed")
+                self._stop.wait(1.0)
+            self._stop.wait(self.POLL)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from mash.tasks.intake import MQTTIntake
-from mash.tasks.live import LiveFeed
+from mash.tasks import firebase_apps
+from mash.tasks.intake import FirebaseCommandQueue, MQTTIntake
+from mash.tasks.live import FirebaseLiveFeed, LiveFeed
 from mash.tasks.schedule import IntervalScheduler
 
 log = logging.getLogger("mash.worker")
@@ -17,6 +18,9 @@ class WorkerService:
         self.scheduler = IntervalScheduler(ctx, jobs, busy)
         self.intake = MQTTIntake(ctx) if ctx.mqtt is not None else None
         self.live = LiveFeed(ctx) if live_feed and ctx.mqtt is not None else None
+        apps = firebase_apps.apps_on(ctx)          # the MASH apps' live values and commands
+        self.fb_live = FirebaseLiveFeed(ctx) if live_feed and apps else None
+        self.fb_commands = FirebaseCommandQueue(ctx) if apps else None
         self.connect_hooks: list = []     # called (in paho's thread) on every MQTT connect
         self.started = False
 
@@ -29,9 +33,11 @@ class WorkerService:
             ctx.mqtt.on_state_change = self._mqtt_state
             ctx.mqtt.connect(timeout=0)
         ctx.store.beat("worker", ctx.intervals["heartbeat"])
+        firebase_apps.announce(ctx)
         self.scheduler.start()
-        if self.live is not None:
-            self.live.start()
+        for part in (self.live, self.fb_live, self.fb_commands):
+            if part is not None:
+                part.start()
         self.started = True
         log.info("worker started: backend %s, MQTT %s, Firebase %s",
                  "on" if ctx.backend else "off", "on" if ctx.mqtt else "off",
@@ -42,9 +48,10 @@ class WorkerService:
         if not self.started:
             return
         self.started = False
-        for part in (self.live, self.scheduler, self.intake):
+        for part in (self.fb_commands, self.fb_live, self.live, self.scheduler, self.intake):
             if part is not None:
                 part.stop()
+        firebase_apps.say_offline(self.ctx)
         self.ctx.close()
         log.info("worker stopped")
 

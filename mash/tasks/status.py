@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 
 from mash.clock import parse_iso, utcnow
 from mash.cloud.errors import PermanentError, RetryableError
-from mash.cloud.firebase import FirebaseError
+from mash.cloud.firebase import FirebaseError, status_object
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")
@@ -57,7 +56,7 @@ def heartbeat(ctx) -> dict:
         ctx.store.sink_ok("mqtt")
     if ctx.firebase is not None and ctx.firebase.is_initialized:
         try:
-            ctx.firebase.update_status({"status": "online", "timestamp": time.time(), **stats})
+            ctx.firebase.update_status(status_object(state, stats))     # CONTRACT §8
             ctx.store.sink_ok("firebase")
         except FirebaseError as exc:
             if ctx.store.sink_failed("firebase", str(exc)):

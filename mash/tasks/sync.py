@@ -243,7 +243,7 @@ def _register_again(ctx, run: _Drain, exc: NotFound) -> bool:
 def backup_firebase(ctx) -> int:
     """Copy readings past the Firebase progress marker, one multi-path update per batch."""
     fb = ctx.firebase
-    if fb is None or not fb.is_initialized:
+    if fb is None or not fb.is_initialized or not fb.guide:   # apps only: firebase_apps
         return 0
     store = ctx.store
     progress = store.sink("firebase").progress or 0
