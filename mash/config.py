@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,11 @@ class Settings:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
     config_pull_interval: int = 600
+    notify_urls: tuple = field(default=(), repr=False)    # Apprise URLs: secrets, never logged
+    notify_min_severity: str = "CRITICAL"
+    notify_max_per_hour: int = 6
+    notify_quiet_hours: tuple | None = None               # (start, end) minutes after midnight
+    notify_quiet_critical: bool = True                     # CRITICAL still goes in quiet hours
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -149,6 +155,11 @@ class Settings:
             return None
         url = self.backend_url.rstrip("/")
         return url if urlsplit(url).path not in ("", "/") else url + "/api/v1"
+
+    @property
+    def notify_sinks(self) -> dict[str, str]:
+        """``{"notify:<hash>": url}``: the outbox knows a URL by its hash, not its secret."""
+        return {notify_sink(url): url for url in self.notify_urls}
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -261,6 +272,9 @@ class Settings:
         if fb_url and not urlsplit(fb_url).scheme.startswith("http"):
             raise ConfigError("FIREBASE_DATABASE_URL", "must be an https:// URL", fb_url)
 
+        notify = _notify_settings(text("NOTIFY_URLS"), text("NOTIFY_MIN_SEVERITY", "CRITICAL"),
+                                  text("NOTIFY_QUIET_HOURS"))
+
         return cls(
             device_id=device_id,
             device_name=text("DEVICE_NAME", cls.device_name),
@@ -298,4 +312,63 @@ class Settings:
             dashboard_host=text("DASHBOARD_HOST", "127.0.0.1"),
             dashboard_port=integer("DASHBOARD_PORT", 8080, 0, 65535),
             config_pull_interval=integer("CONFIG_PULL_INTERVAL", 600, 10, 86400),
+            notify_max_per_hour=integer("NOTIFY_MAX_PER_HOUR", 6, 1, 3600),
+            notify_quiet_critical=flag("NOTIFY_QUIET_CRITICAL", True),
+            **notify,
         )
+
+
+# -- notifications (NOTIFY_*) ---------------------------------------------------------------
+SEVERITY_RANK = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+QUIET_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+def notify_sink(url: str) -> str:
+    """The outbox sink of one notification URL: stable for the URL, without its secret."""
+    return "notify:" + hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+def redact_url(url: str) -> str:
+    """What logs and ``mash status`` show of a notification URL: its scheme and host only
+    (user, password, tokens, path and query are secrets in most Apprise URLs)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+    except ValueError:
+        return "?://?"
+    return f"{parts.scheme or '?'}://{host}"
+
+
+def parse_notify_url(url: str):
+    """Apprise's own parse of ``url`` (its plugin object), or None when Apprise refuses it.
+    Apprise is an optional extra, imported here only when NOTIFY_URLS is set; its own log
+    lines are kept out of ours (they carry parts of the URL)."""
+    try:
+        import apprise
+    except ImportError:
+        raise ConfigError("NOTIFY_URLS", "is set but apprise is not installed: "
+                                         "pip install 'mash-gateway[notify]'") from None
+    logging.getLogger("apprise").propagate = False
+    return apprise.Apprise.instantiate(url)
+
+
+def _notify_settings(urls: str | None, severity: str, quiet: str | None) -> dict:
+    found = tuple(u for u in (urls or "").split() if u)
+    for url in found:
+        if parse_notify_url(url) is None:
+            # the value is a secret: the error names the key and the redacted URL only
+            raise ConfigError("NOTIFY_URLS", f"not a URL Apprise can send to: {redact_url(url)} "
+                                             "(see https://github.com/caronc/apprise/wiki)")
+    severity = severity.upper()
+    if severity not in SEVERITY_RANK:
+        raise ConfigError("NOTIFY_MIN_SEVERITY", "must be INFO, WARNING or CRITICAL", severity)
+    window = None
+    if quiet:
+        m = QUIET_RE.match(quiet)
+        if not m:
+            raise ConfigError("NOTIFY_QUIET_HOURS", "must be like 22:00-06:00 (local time)", quiet)
+        h1, m1, h2, m2 = map(int, m.groups())
+        window = (h1 * 60 + m1, h2 * 60 + m2)
+        if window[0] == window[1]:
+            raise ConfigError("NOTIFY_QUIET_HOURS", "start and end must differ", quiet)
+    return dict(notify_urls=found, notify_min_severity=severity, notify_quiet_hours=window)
