@@ -25,6 +25,25 @@ def alert_payload(uid: str, alert) -> dict:
             "timestamp": iso(alert.created_at)}
 
 
+NOTIFY_ROUTES = "notify_routes"     # meta key: the notification sinks the worker configured
+
+
+def notify_payload(uid: str, alert) -> dict:
+    """What a notification sink is owed of an alert: the alert's facts plus its ``state``
+    and ``level`` (the row's own severity, a cleared one's too). No URL: the sink's name is
+    the URL's hash; the worker holds the URL and words the text when it sends."""
+    return {**alert_payload(uid, alert), "state": alert.state, "level": alert.severity,
+            "event_type": alert.event_type}
+
+
+def notify_sinks_for(routes: dict | None, severity: str) -> list[str]:
+    """The notification sinks an alert of ``severity`` is owed to under ``routes``."""
+    rank = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+    if not routes or rank.get(severity, 0) < rank.get(routes.get("min_severity"), 2):
+        return []
+    return list(routes.get("sinks") or [])
+
+
 def ack_payload(cmd) -> dict:
     """A command's final status, as both sinks are told it."""
     response = json.loads(cmd.response) if cmd.response else {}
@@ -74,7 +93,17 @@ class Outbox:
         cond = O.done_at.is_null()
         if urgent_only:
             cond &= ~O.ref.startswith(ids.AUTO_PREFIX)
+            # a held notification (quiet hours, backoff) waits for the sweep; a new alert
+            # still wakes delivery through its backend and MQTT items
+            cond &= ~O.sink.startswith("notify:")
         return O.select().where(cond).exists()
+
+    def owed_sinks(self, prefix: str) -> list[str]:
+        """The sinks named ``prefix...`` that are still owed something (a notification URL
+        removed from the settings leaves its items here)."""
+        O = self.m.Outbox
+        return [s for (s,) in O.select(O.sink).distinct()
+                .where(O.sink.startswith(prefix) & O.done_at.is_null()).tuples()]
 
     def owed_count(self, kind: str) -> int:
         """How many items of ``kind`` some sink is still owed."""
@@ -82,4 +111,5 @@ class Outbox:
                 .where((self.m.Outbox.kind == kind) & self.m.Outbox.done_at.is_null()).count())
 
 
-__all__ = ["Outbox", "alert_payload", "ack_payload", "ALERT", "ACK"]
+__all__ = ["Outbox", "alert_payload", "ack_payload", "notify_payload", "notify_sinks_for",
+           "NOTIFY_ROUTES", "ALERT", "ACK"]
