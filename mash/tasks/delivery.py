@@ -18,6 +18,7 @@ from huey.exceptions import TaskLockedException
 
 from mash.cloud.errors import PermanentError
 from mash.models import ACK, ALERT
+from mash.tasks.notify import deliver_notifications
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")
@@ -48,7 +49,7 @@ def sweep(ctx, lock) -> int:
 def deliver_owed(ctx) -> int:
     """One pass over what each sink is owed."""
     record_confirmed(ctx)
-    return _to_backend(ctx) + _to_mqtt(ctx)
+    return _to_backend(ctx) + _to_mqtt(ctx) + deliver_notifications(ctx)
 
 
 def record_confirmed(ctx) -> int:
