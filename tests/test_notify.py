@@ -292,3 +292,40 @@ def test_a_removed_url_lets_its_owed_items_go(worker_for, make_settings, receive
     later.store.add_alerts([co2("raised", 1900)])
     O = later.store.m.Outbox
     assert O.select().where(O.sink.startswith("notify:") & O.done_at.is_null()).count() == 0
+
+
+# -- trying it ------------------------------------------------------------------------------
+def test_mash_notify_test_sends_to_each_url_and_reports_a_failure_redacted(run_cli, tmp_path, receiver):
+    env = {"MASH_DATA_DIR": str(tmp_path / "d"),
+           "NOTIFY_URLS": f"json://u:s3cret@127.0.0.1:{receiver.port}/hook "
+                          f"json://127.0.0.1:{free_port()}/nobody"}
+    result = run_cli("notify", "--test", env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == ["✓ json://127.0.0.1: delivered",
+                                          "✗ json://127.0.0.1: not delivered"]
+    assert [b["message"] for b in receiver.on("/hook")] == ["Test notification from the MASH gateway"]
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_doctor_checks_each_url_and_sends_with_send(run_cli, tmp_path, receiver):
+    env = {"MASH_DATA_DIR": str(tmp_path / "d"), "SERIAL_PORT": "sim",
+           "NOTIFY_URLS": f"ntfy://127.0.0.1:{receiver.port}/mash"}
+    lines = run_cli("doctor", env=env).stdout.splitlines()
+    assert "✓ notify ntfy://127.0.0.1: Apprise accepts the URL" in lines
+    assert "– notify delivery: not tried (mash doctor --send sends a test message)" in lines
+    assert receiver.posts == []
+    lines = run_cli("doctor", "--send", env=env).stdout.splitlines()
+    assert "✓ notify send ntfy://127.0.0.1: delivered" in lines
+    assert [b["message"] for b in receiver.on("/")] == ["Test notification from mash doctor"]
+
+
+def test_mash_status_shows_each_urls_deliveries_and_failures(worker_for, run_cli, data_dir, receiver):
+    url = f"json://127.0.0.1:{receiver.port}/hook"
+    ctx = worker_for(NOTIFY_URLS=url)
+    ctx.store.add_alerts([co2("raised", 1850)])
+    receiver.down = True
+    notify.deliver_notifications(ctx)
+    env = {"MASH_DATA_DIR": str(data_dir), "NOTIFY_URLS": url}
+    lines = [l for l in run_cli("status", env=env).stdout.splitlines() if l.startswith("notify:")]
+    assert lines == ["notify:   json://127.0.0.1: last sent never, 0 sent, 1 owed, 0 suppressed, "
+                     "1 failures (json://127.0.0.1: not delivered)"]
