@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from mash import dashboard, devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
-from mash.config import ConfigError, Settings
+from mash.config import ConfigError, Settings, check_notify_urls
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
@@ -209,6 +209,7 @@ def cmd_notify(args) -> int:
     if not settings.notify_urls:
         print("NOTIFY_URLS is not set: nothing to send to", file=sys.stderr)
         return 1
+    check_notify_urls(settings.notify_urls)        # a ConfigError: one line, exit code 2
     failed = 0
     for label, error in notifications.send_test(settings).values():
         print(f"✓ {label}: delivered" if error is None else f"✗ {error}")

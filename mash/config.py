@@ -320,6 +320,7 @@ class Settings:
 
 # -- notifications (NOTIFY_*) ---------------------------------------------------------------
 SEVERITY_RANK = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+NOTIFY_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$")
 QUIET_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)$")
 
 
@@ -352,13 +353,23 @@ def parse_notify_url(url: str):
     return apprise.Apprise.instantiate(url)
 
 
-def _notify_settings(urls: str | None, severity: str, quiet: str | None) -> dict:
-    found = tuple(u for u in (urls or "").split() if u)
-    for url in found:
+def check_notify_urls(urls) -> None:
+    """Apprise's own parse of every URL; ConfigError naming the key (and the URL redacted:
+    the value is a secret) for the first it refuses, or when apprise is not installed.
+    Made by the processes that send (the worker at start, ``mash notify``, ``mash doctor``),
+    not by every settings load: loading Apprise's plugins costs about 40 MB and over a second
+    on a Pi, which the reader and the dashboard should not pay."""
+    for url in urls:
         if parse_notify_url(url) is None:
-            # the value is a secret: the error names the key and the redacted URL only
             raise ConfigError("NOTIFY_URLS", f"not a URL Apprise can send to: {redact_url(url)} "
                                              "(see https://github.com/caronc/apprise/wiki)")
+
+
+def _notify_settings(urls: str | None, severity: str, quiet: str | None) -> dict:
+    found = tuple(u for u in (urls or "").split() if u)
+    for url in found:       # the cheap shape check every process makes; Apprise's in the worker
+        if not NOTIFY_URL_RE.match(url):
+            raise ConfigError("NOTIFY_URLS", f"not a URL (scheme://...): {redact_url(url)}")
     severity = severity.upper()
     if severity not in SEVERITY_RANK:
         raise ConfigError("NOTIFY_MIN_SEVERITY", "must be INFO, WARNING or CRITICAL", severity)

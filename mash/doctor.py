@@ -358,9 +358,15 @@ class Doctor:
             yield Check("notify", None, "off (not configured: NOTIFY_URLS)")
             return
         for url in s.notify_urls:          # each URL as Apprise reads it, shown redacted
-            ok = parse_notify_url(url) is not None
+            try:
+                ok = parse_notify_url(url) is not None
+            except ConfigError as exc:     # apprise not installed
+                yield Check("notify", False, str(exc), "pip install 'mash-gateway[notify]'")
+                return
             yield Check(f"notify {redact_url(url)}", ok, "Apprise accepts the URL" if ok else
                         "Apprise cannot read the URL", "" if ok else "see the Apprise wiki for its syntax")
+        if not all(parse_notify_url(url) for url in s.notify_urls):
+            return
         if not self.send:
             yield Check("notify delivery", None, "not tried (mash doctor --send sends a test message)")
             return

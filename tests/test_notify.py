@@ -14,7 +14,7 @@ from aiosmtpd.controller import Controller
 
 from mash.alerts import AlertEvent
 from mash.cloud import notify as rules
-from mash.config import ConfigError, notify_sink
+from mash.config import ConfigError, check_notify_urls, notify_sink
 from mash.tasks import delivery, notify
 from mash.tasks.context import WorkerContext
 from tests.services import free_port, wait_for
@@ -122,12 +122,19 @@ def warning(state, value=28.0):
 
 
 # -- settings -------------------------------------------------------------------------------
-def test_a_bad_notify_url_is_refused_at_start_naming_the_key_not_the_secret(make_settings):
+def test_a_bad_notify_url_is_refused_at_start_naming_the_key_not_the_secret(make_settings, run_cli,
+                                                                            tmp_path):
     with pytest.raises(ConfigError) as err:
-        make_settings(NOTIFY_URLS="json://127.0.0.1/ok nosuchscheme://user:s3cret@example.com/x")
+        make_settings(NOTIFY_URLS="json://127.0.0.1/ok s3cret-token-no-scheme")
+    assert str(err.value) == "configuration error: NOTIFY_URLS: not a URL (scheme://...): ?://?"
+    settings = make_settings(NOTIFY_URLS="json://127.0.0.1/ok nosuchscheme://user:s3cret@example.com/x")
+    with pytest.raises(ConfigError) as err:
+        check_notify_urls(settings.notify_urls)
     assert str(err.value) == ("configuration error: NOTIFY_URLS: not a URL Apprise can send to: "
                               "nosuchscheme://example.com (see https://github.com/caronc/apprise/wiki)")
-    assert "s3cret" not in str(err.value)
+    result = run_cli("worker", env={"MASH_DATA_DIR": str(tmp_path / "d"),
+                                    "NOTIFY_URLS": "nosuchscheme://user:s3cret@example.com/x"})
+    assert (result.returncode, result.stderr.strip()) == (2, str(err.value))
 
 
 @pytest.mark.parametrize("key, value", [("NOTIFY_MIN_SEVERITY", "LOUD"),
