@@ -5,11 +5,14 @@ the cap's hour and the quiet hours are tested without waiting or mocking the clo
 import datetime as dt
 import email
 import json
+import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 from aiosmtpd.controller import Controller
 
 from mash.alerts import AlertEvent
@@ -17,7 +20,7 @@ from mash.cloud import notify as rules
 from mash.config import ConfigError, check_notify_urls, notify_sink
 from mash.tasks import delivery, notify
 from mash.tasks.context import WorkerContext
-from tests.services import free_port, wait_for
+from tests.services import Dashboard, free_port, wait_for
 
 NIGHT = dt.datetime(2026, 12, 2, 2, 0)       # local wall time, inside 22:00-06:00
 MORNING = dt.datetime(2026, 12, 2, 6, 30)
@@ -336,3 +339,27 @@ def test_mash_status_shows_each_urls_deliveries_and_failures(worker_for, run_cli
     lines = [l for l in run_cli("status", env=env).stdout.splitlines() if l.startswith("notify:")]
     assert lines == ["notify:   json://127.0.0.1: last sent never, 0 sent, 1 owed, 0 suppressed, "
                      "1 failures (json://127.0.0.1: not delivered)"]
+
+
+def test_the_dashboards_test_button_is_guarded_and_sent_by_the_worker(tmp_path, data_dir, worker_for,
+                                                                     receiver):
+    dash = Dashboard(tmp_path / "dash", {**os.environ, "MASH_DATA_DIR": str(data_dir)})
+    try:
+        dash.start()
+        s = requests.Session()
+        s.get(dash.url + "/", timeout=10)
+        assert s.post(dash.url + "/api/notify-test", json={}, timeout=10).status_code == 403
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', s.get(dash.url + "/", timeout=10).text).group(1)
+        h = {"X-CSRF-Token": csrf}
+        r = s.post(dash.url + "/api/notify-test", json={}, headers=h, timeout=10)
+        assert r.status_code == 400 and "NOTIFY_URLS" in r.json()["error"]
+        ctx = worker_for(NOTIFY_URLS=f"json://127.0.0.1:{receiver.port}/hook",
+                         NOTIFY_QUIET_HOURS="00:00-23:59")      # a test message is never held
+        r = s.post(dash.url + "/api/notify-test", json={}, headers=h, timeout=10)
+        assert (r.status_code, r.json()) == (200, {"urls": 1, "status": "queued"})
+        assert ctx.store.has_undelivered(urgent_only=True)      # the worker wakes for it
+        assert notify.deliver_notifications(ctx, local=NIGHT) == 1
+        assert [b["message"] for b in receiver.on("/hook")] == ["Test notification from the MASH dashboard"]
+        assert not ctx.store.has_undelivered()
+    finally:
+        dash.stop()

@@ -26,6 +26,7 @@ def alert_payload(uid: str, alert) -> dict:
 
 
 NOTIFY_ROUTES = "notify_routes"     # meta key: the notification sinks the worker configured
+NOTIFY_TEST = "notify_test"         # an outbox kind: the dashboard's test message, one try
 
 
 def notify_payload(uid: str, alert) -> dict:
@@ -95,7 +96,7 @@ class Outbox:
             cond &= ~O.ref.startswith(ids.AUTO_PREFIX)
             # a held notification (quiet hours, backoff) waits for the sweep; a new alert
             # still wakes delivery through its backend and MQTT items
-            cond &= ~O.sink.startswith("notify:")
+            cond &= ~(O.sink.startswith("notify:") & (O.kind == ALERT))
         return O.select().where(cond).exists()
 
     def owed_sinks(self, prefix: str) -> list[str]:
@@ -112,4 +113,4 @@ class Outbox:
 
 
 __all__ = ["Outbox", "alert_payload", "ack_payload", "notify_payload", "notify_sinks_for",
-           "NOTIFY_ROUTES", "ALERT", "ACK"]
+           "NOTIFY_ROUTES", "NOTIFY_TEST", "ALERT", "ACK"]

@@ -28,7 +28,7 @@ from mash.clock import iso, utcnow
 from mash.cloud import notify as rules
 from mash.cloud.notify import Notifier, NotifyError
 from mash.config import is_loopback
-from mash.models.outbox import NOTIFY_ROUTES
+from mash.models.outbox import NOTIFY_ROUTES, NOTIFY_TEST
 
 log = logging.getLogger("mash.worker")
 
@@ -89,11 +89,14 @@ def deliver_notifications(ctx, now: float | None = None,
 def _deliver_to(ctx, notifier: Notifier, sink: str, now: float, local, link) -> int:
     store, s = ctx.store, ctx.settings
     state = _state(store, sink)
+    tests = _send_tests(store, notifier, sink, state, link)
     if state["retry_at"] > now:
-        return 0
+        if tests:
+            store.meta_set(state_key(sink), state)
+        return tests
     state["sent"] = rules.recent(state["sent"], now)
     _count_resent(store, sink)
-    sent, held, suppressed = 0, set(), []
+    sent, held, suppressed = tests, set(), []
     try:
         if rules.summary_due(state["suppressed"], state["sent"], now, s.notify_max_per_hour):
             notifier.send(sink, *rules.summary_text(state["suppressed"], link))
@@ -101,6 +104,8 @@ def _deliver_to(ctx, notifier: Notifier, sink: str, now: float, local, link) -> 
             _sent(state, now)
             sent += 1
         for item in store.owed(sink):
+            if item.kind == NOTIFY_TEST:
+                continue
             m = item.message
             key = (m.get("room"), m.get("event_type"))
             if key in held:
@@ -139,6 +144,27 @@ def _deliver_to(ctx, notifier: Notifier, sink: str, now: float, local, link) -> 
     if sent:
         store.incr("notify_sent", sent)
     store.meta_set(state_key(sink), state)
+    return sent
+
+
+def _send_tests(store, notifier: Notifier, sink: str, state: dict, link) -> int:
+    """The dashboard's test messages: one try each, past quiet hours, cap and backoff; the
+    outcome is the URL's last delivery or error (``mash status``)."""
+    sent = 0
+    for item in store.owed(sink):
+        if item.kind != NOTIFY_TEST:
+            continue
+        m = item.message
+        try:
+            notifier.send(sink, m["title"], m["message"] + (f"\n{link}" if link else ""))
+        except NotifyError as exc:
+            store.delivered(item.id, str(exc)[:300])
+            state["last_error"], state["last_error_at"] = str(exc)[:300], iso(utcnow())
+            continue
+        store.delivered(item.id)
+        state["delivered"] += 1
+        state["last_ok"] = iso(utcnow())
+        sent += 1
     return sent
 
 
