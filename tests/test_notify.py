@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 from mash.alerts import AlertEvent
 from mash.cloud import notify as rules
 from mash.config import ConfigError, check_notify_urls, notify_sink
-from mash.tasks import delivery, notify
+from mash.tasks import delivery, notify, status
 from mash.tasks.context import WorkerContext
 from tests.services import Dashboard, free_port, wait_for
 
@@ -189,7 +189,7 @@ def test_texts_fit_a_lock_screen():
         "MASH OK: high co2 cleared", "Fruiting CO2 back to 1,400 ppm at 02:40\nhttp://mash-pi:8080/")
     full = {**m, "type": "storage_full", "event_type": "storage_full", "room": None,
             "message": "store at 1,030 MB of 1,024 MB", "value": 1030.0}
-    assert rules.alert_text(full, tz=utc)[1] == "store at 1,030 MB of 1,024 MB since 02:14"
+    assert rules.alert_text(full, tz=utc)[1] == "store at 1,030 MB of 1,024 MB (02:14)"
 
 
 # -- through the outbox, to real receivers --------------------------------------------------
@@ -363,3 +363,22 @@ def test_the_dashboards_test_button_is_guarded_and_sent_by_the_worker(tmp_path, 
         assert not ctx.store.has_undelivered()
     finally:
         dash.stop()
+
+
+def test_the_board_lost_for_five_minutes_reaches_the_phone_once_and_its_return_too(worker_for,
+                                                                                  receiver):
+    ctx = worker_for(NOTIFY_URLS=f"ntfy://127.0.0.1:{receiver.port}/mash")
+    lost = "2026-01-01T00:00:00.000Z"
+    ctx.store.beat("reader", 60, board={"connected": False, "since": lost, "port": None,
+                                        "problem": "no board found"})
+    status.heartbeat(ctx)
+    status.heartbeat(ctx)                     # still lost: not raised again
+    notify.deliver_notifications(ctx, local=MORNING)
+    ctx.store.beat("reader", 60, board={"connected": True, "since": lost, "port": "/dev/ttyACM0",
+                                        "problem": None})
+    status.heartbeat(ctx)
+    status.heartbeat(ctx)
+    notify.deliver_notifications(ctx, local=MORNING)
+    got = [(b["title"], b["message"].rsplit(" ", 1)[0]) for b in receiver.on("/")]
+    assert got == [("MASH CRITICAL: board lost", f"board lost since {lost}: no board found"),
+                   ("MASH OK: board lost cleared", "board connected again")]

@@ -62,7 +62,7 @@ def alert_text(m: dict, dashboard: str | None = None, tz=None) -> tuple[str, str
                      if m.get("threshold") is not None else "")
             body = f"{room} {name} {value} {unit}{limit} since {at}"
     else:
-        body = f"{m.get('message') or event}" + (f" at {at}" if cleared else f" since {at}")
+        body = f"{m.get('message') or event} ({at})"
         if m.get("room"):
             body = f"{room}: {body}"
     level = m.get("level") or m.get("severity")
