@@ -354,8 +354,7 @@ class Doctor:
     # -- processes ---------------------------------------------------------------------------
     def notifications(self):
         s = self.settings
-        if not s.notify_urls:
-            yield Check("notify", None, "off (not configured: NOTIFY_URLS)")
+        if not s.notify_urls:         # an optional extra, not a sink of the contract: no line
             return
         for url in s.notify_urls:          # each URL as Apprise reads it, shown redacted
             try:

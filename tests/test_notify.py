@@ -7,6 +7,9 @@ import email
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +34,7 @@ class Receiver:
 
     def __init__(self):
         self.posts, self.attempts, self.down = [], 0, False
+        self.stall = None               # a threading.Event: record, then answer only once set
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +46,8 @@ class Receiver:
                     self.end_headers()
                     return
                 outer.posts.append((self.path, json.loads(body), time.time()))
+                if outer.stall is not None:
+                    outer.stall.wait(30)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -51,6 +57,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        # a client killed mid-request (the kill -9 test) is expected, not a server error
+        self.server.handle_error = lambda request, address: None
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -382,3 +390,63 @@ def test_the_board_lost_for_five_minutes_reaches_the_phone_once_and_its_return_t
     got = [(b["title"], b["message"].rsplit(" ", 1)[0]) for b in receiver.on("/")]
     assert got == [("MASH CRITICAL: board lost", f"board lost since {lost}: no board found"),
                    ("MASH OK: board lost cleared", "board connected again")]
+
+
+KILLED_WORKER = """
+from mash.config import Settings
+from mash.tasks.context import WorkerContext
+from mash.tasks.notify import deliver_notifications
+deliver_notifications(WorkerContext(Settings.load()))
+"""
+
+
+def test_a_worker_killed_mid_delivery_sends_again_and_counts_it(worker_for, data_dir, receiver):
+    """kill -9 between the receiver taking the message and the worker recording it: the
+    message goes again (at least once) and ``notify_resent`` says so."""
+    url = f"json://127.0.0.1:{receiver.port}/hook"
+    ctx = worker_for(NOTIFY_URLS=url)
+    ctx.store.add_alerts([co2("raised", 1850)])
+    receiver.stall = threading.Event()
+    env = {**os.environ, "MASH_DATA_DIR": str(data_dir), "NOTIFY_URLS": url, "CLOCK_SYNC": "trust"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER], env=env)
+    try:
+        wait_for(lambda: len(receiver.posts) == 1, timeout=30, what="the message at the receiver")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        receiver.stall.set()
+        if proc.poll() is None:
+            proc.kill()
+    receiver.stall = None
+    assert len(ctx.store.owed(notify_sink(url))) == 1            # not recorded: still owed
+    assert notify.deliver_notifications(ctx, local=MORNING) == 1
+    assert notify.deliver_notifications(ctx, local=MORNING) == 0
+    assert len(receiver.on("/hook")) == 2
+    assert ctx.store.counters()["notify_resent"] == 1
+
+
+def test_a_critical_alert_reaches_the_phone_from_a_real_worker_with_the_cloud_down(
+        tmp_path, data_dir, store, receiver):
+    """The issue's bar: the worker process (``mash worker``), the backend unreachable, an
+    alert committed by another process (the reader's side): one message, within seconds."""
+    url = f"json://127.0.0.1:{receiver.port}/hook"
+    env = {**os.environ, "MASH_DATA_DIR": str(data_dir), "NOTIFY_URLS": url,
+           "CLOCK_SYNC": "trust", "BACKEND_URL": f"http://127.0.0.1:{free_port()}",
+           "DEVICE_EMAIL": "gw@farm.local", "DEVICE_PASSWORD": "not-used-here"}
+    proc = subprocess.Popen([sys.executable, "-m", "mash", "worker"], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: store.meta_get("notify_routes") and
+                 store.processes().get("worker", {}).get("alive"), timeout=30, what="the worker")
+        made = time.time()
+        store.add_alerts([co2("raised", 1850)])
+        wait_for(lambda: receiver.on("/hook"), timeout=30, what="the message")
+        latency = receiver.posts[0][2] - made
+        sink = notify_sink(url)
+        wait_for(lambda: not store.owed(sink), timeout=10, what="the delivery recorded")
+        assert len(receiver.on("/hook")) == 1     # recorded done: no later sweep sends it
+        assert store.owed("backend"), "the backend's copy stays owed through the outage"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    print(f"worker: alert row -> receiver {latency * 1000:.0f} ms")

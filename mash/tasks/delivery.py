@@ -49,7 +49,7 @@ def sweep(ctx, lock) -> int:
 def deliver_owed(ctx) -> int:
     """One pass over what each sink is owed."""
     record_confirmed(ctx)
-    return _to_backend(ctx) + _to_mqtt(ctx) + deliver_notifications(ctx)
+    return deliver_notifications(ctx) + _to_backend(ctx) + _to_mqtt(ctx)   # never raises: first
 
 
 def record_confirmed(ctx) -> int:
