@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from mash import dashboard, devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
-from mash.config import ConfigError, Settings
+from mash.config import ConfigError, Settings, check_notify_urls
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
 from mash.logs import setup_logging, start_process
 from mash.models import Store
 from mash.models.stats import SINK_WORDS, sink_states
+from mash.tasks import notify as notifications
 
 
 def cmd_run(args) -> int:
@@ -107,6 +108,8 @@ def status_report(settings: Settings, store: Store) -> dict:
                                     (store.meta_get("configuration") or {}).get("mode"))
     stats["sinks"] = {name: SINK_WORDS.get(state, state) for name, state in
                       sink_states(store, settings, stats["processes"]).items()}
+    if settings.notify_urls:
+        stats["notifications"] = notifications.url_states(store, settings)
     return stats
 
 
@@ -127,6 +130,10 @@ def status_lines(stats: dict) -> list[str]:
         lines.append(f"board:    connected on {board['port']} since {board['since']}" if board["connected"]
                      else f"board:    not connected since {board['since']} ({board.get('problem')})")
     lines += [f"{name + ':':<9} {state}" for name, state in stats["sinks"].items()]
+    for n in stats.get("notifications", {}).values():
+        lines.append(f"notify:   {n['url']}: last sent {n['last_ok'] or 'never'}, {n['delivered']} sent, "
+                     f"{n['owed']} owed, {n['suppressed']} suppressed"
+                     + (f", {n['failures']} failures ({n['last_error']})" if n["failures"] else ""))
     lines.append(f"synced:   {stats['total_synced']}")
     lines.append(f"pending:  {stats['pending_records']} (oldest {stats['oldest_pending_age_s']:.0f} s old)")
     if stats["clock_held_readings"]:
@@ -197,7 +204,21 @@ def set_dashboard_password(store: Store, stdin=sys.stdin, out=sys.stderr) -> int
 
 
 def cmd_doctor(args) -> int:
-    return doctor.main(as_json=args.json)
+    return doctor.main(as_json=args.json, send=args.send)
+
+
+def cmd_notify(args) -> int:
+    """``mash notify --test``: one test message to each NOTIFY_URLS URL, now."""
+    settings = Settings.load()
+    if not settings.notify_urls:
+        print("NOTIFY_URLS is not set: nothing to send to", file=sys.stderr)
+        return 1
+    check_notify_urls(settings.notify_urls)        # a ConfigError: one line, exit code 2
+    failed = 0
+    for label, error in notifications.send_test(settings).values():
+        print(f"✓ {label}: delivered" if error is None else f"✗ {error}")
+        failed += error is not None
+    return 1 if failed else 0
 
 
 def cmd_service(args) -> int:
@@ -264,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_dashboard)
     s = sub.add_parser("doctor", help="check every part, in order, each with its fix")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--send", action="store_true", help="also send a test notification to each URL")
     s.set_defaults(func=cmd_doctor)
+    s = sub.add_parser("notify", help="alert notifications (NOTIFY_URLS)")
+    s.add_argument("--test", action="store_true", required=True,
+                   help="send a test message to each URL now")
+    s.set_defaults(func=cmd_notify)
     s = sub.add_parser("service", help="systemd units for the reader and the worker")
     s.add_argument("action", choices=("install", "uninstall"))
     s.add_argument("--user", help="who the services run as (default: you, or who ran sudo)")

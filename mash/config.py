@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -159,6 +160,11 @@ class Settings:
     config_pull_interval: int = 600
     sim_sync: bool = False          # SIM_SYNC: a simulated board's readings go to the sinks too
     simulated_board: bool = False   # MASH_SIMULATED_BOARD: SERIAL_PORT is a simulated board's pty
+    notify_urls: tuple = field(default=(), repr=False)    # Apprise URLs: secrets, never logged
+    notify_min_severity: str = "CRITICAL"
+    notify_max_per_hour: int = 6
+    notify_quiet_hours: tuple | None = None               # (start, end) minutes after midnight
+    notify_quiet_critical: bool = True                     # CRITICAL still goes in quiet hours
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -191,6 +197,11 @@ class Settings:
             return None
         url = self.backend_url.rstrip("/")
         return url if urlsplit(url).path not in ("", "/") else url + "/api/v1"
+
+    @property
+    def notify_sinks(self) -> dict[str, str]:
+        """``{"notify:<hash>": url}``: the outbox knows a URL by its hash, not its secret."""
+        return {notify_sink(url): url for url in self.notify_urls}
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -319,6 +330,9 @@ class Settings:
             raise ConfigError("FIREBASE_LAYOUT", "must be apps (the MASH apps' paths), guide "
                               "(the guide's sensor_data) or both", firebase_layout)
 
+        notify = _notify_settings(text("NOTIFY_URLS"), text("NOTIFY_MIN_SEVERITY", "CRITICAL"),
+                                  text("NOTIFY_QUIET_HOURS"))
+
         return cls(
             device_id=device_id,
             device_name=text("DEVICE_NAME", cls.device_name),
@@ -359,4 +373,74 @@ class Settings:
             config_pull_interval=integer("CONFIG_PULL_INTERVAL", 600, 10, 86400),
             sim_sync=flag("SIM_SYNC", False),
             simulated_board=flag("MASH_SIMULATED_BOARD", False),
+            notify_max_per_hour=integer("NOTIFY_MAX_PER_HOUR", 6, 1, 3600),
+            notify_quiet_critical=flag("NOTIFY_QUIET_CRITICAL", True),
+            **notify,
         )
+
+
+# -- notifications (NOTIFY_*) ---------------------------------------------------------------
+SEVERITY_RANK = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+NOTIFY_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$")
+QUIET_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+def notify_sink(url: str) -> str:
+    """The outbox sink of one notification URL: stable for the URL, without its secret."""
+    return "notify:" + hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+def redact_url(url: str) -> str:
+    """What logs and ``mash status`` show of a notification URL: its scheme and host only
+    (user, password, tokens, path and query are secrets in most Apprise URLs)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+    except ValueError:
+        return "?://?"
+    return f"{parts.scheme or '?'}://{host}"
+
+
+def parse_notify_url(url: str):
+    """Apprise's own parse of ``url`` (its plugin object), or None when Apprise refuses it.
+    Apprise is an optional extra, imported here only when NOTIFY_URLS is set; its own log
+    lines are kept out of ours (they carry parts of the URL)."""
+    try:
+        import apprise
+    except ImportError:
+        raise ConfigError("NOTIFY_URLS", "is set but apprise is not installed: "
+                                         "pip install 'mash-gateway[notify]'") from None
+    logging.getLogger("apprise").propagate = False
+    return apprise.Apprise.instantiate(url)
+
+
+def check_notify_urls(urls) -> None:
+    """Apprise's own parse of every URL; ConfigError naming the key (and the URL redacted:
+    the value is a secret) for the first it refuses, or when apprise is not installed.
+    Made by the processes that send (the worker at start, ``mash notify``, ``mash doctor``),
+    not by every settings load: loading Apprise's plugins costs about 40 MB and over a second
+    on a Pi, which the reader and the dashboard should not pay."""
+    for url in urls:
+        if parse_notify_url(url) is None:
+            raise ConfigError("NOTIFY_URLS", f"not a URL Apprise can send to: {redact_url(url)} "
+                                             "(see https://github.com/caronc/apprise/wiki)")
+
+
+def _notify_settings(urls: str | None, severity: str, quiet: str | None) -> dict:
+    found = tuple(u for u in (urls or "").split() if u)
+    for url in found:       # the cheap shape check every process makes; Apprise's in the worker
+        if not NOTIFY_URL_RE.match(url):
+            raise ConfigError("NOTIFY_URLS", f"not a URL (scheme://...): {redact_url(url)}")
+    severity = severity.upper()
+    if severity not in SEVERITY_RANK:
+        raise ConfigError("NOTIFY_MIN_SEVERITY", "must be INFO, WARNING or CRITICAL", severity)
+    window = None
+    if quiet:
+        m = QUIET_RE.match(quiet)
+        if not m:
+            raise ConfigError("NOTIFY_QUIET_HOURS", "must be like 22:00-06:00 (local time)", quiet)
+        h1, m1, h2, m2 = map(int, m.groups())
+        window = (h1 * 60 + m1, h2 * 60 + m2)
+        if window[0] == window[1]:
+            raise ConfigError("NOTIFY_QUIET_HOURS", "start and end must differ", quiet)
+    return dict(notify_urls=found, notify_min_severity=severity, notify_quiet_hours=window)

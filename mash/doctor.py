@@ -7,6 +7,7 @@ under a client id of their own, so they are safe to run beside the live gateway.
 
     mash doctor
     mash doctor --json
+    mash doctor --send      # also send a test notification to each NOTIFY_URLS URL
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ from mash.cloud import mqtt_client
 from mash.cloud.backend_api import BackendAPIClient
 from mash.cloud.errors import BackendError
 from mash.cloud.firebase import FirebaseError, FirebaseSync, serial_warning
-from mash.config import ConfigError, Settings
+from mash.config import ConfigError, Settings, parse_notify_url, redact_url
 from mash.models import Store
 from mash.models.migrations import SCHEMA_VERSION
 from mash.reader import find_board
+from mash.tasks.notify import send_test
 
 LINE_WITHIN = 10.0          # s: a reading line must arrive within this
 CLOCK_TOLERANCE = 60.0      # s: our clock against the backend's Date
@@ -59,8 +61,9 @@ class Check:
 
 
 class Doctor:
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, send: bool = False):
         self.env = env
+        self.send = send                  # --send: a test notification to each URL
         self.settings: Settings | None = None
 
     def run(self):
@@ -79,6 +82,7 @@ class Doctor:
         yield from self.backend()
         yield from self.mqtt()
         yield from self.firebase()
+        yield from self.notifications()
         yield from self.processes()
         yield self.device_serial()
 
@@ -387,6 +391,27 @@ class Doctor:
             fb.close()
 
     # -- processes ---------------------------------------------------------------------------
+    def notifications(self):
+        s = self.settings
+        if not s.notify_urls:         # an optional extra, not a sink of the contract: no line
+            return
+        for url in s.notify_urls:          # each URL as Apprise reads it, shown redacted
+            try:
+                ok = parse_notify_url(url) is not None
+            except ConfigError as exc:     # apprise not installed
+                yield Check("notify", False, str(exc), "pip install 'mash-gateway[notify]'")
+                return
+            yield Check(f"notify {redact_url(url)}", ok, "Apprise accepts the URL" if ok else
+                        "Apprise cannot read the URL", "" if ok else "see the Apprise wiki for its syntax")
+        if not all(parse_notify_url(url) for url in s.notify_urls):
+            return
+        if not self.send:
+            yield Check("notify delivery", None, "not tried (mash doctor --send sends a test message)")
+            return
+        for label, error in send_test(s, "Test notification from mash doctor").values():
+            yield Check(f"notify send {label}", error is None, "delivered" if error is None else error,
+                        "" if error is None else "check the service's address and credentials in the URL")
+
     def _processes(self) -> dict:
         if self.settings is None or not self.settings.db_path.exists():
             return {}
@@ -486,10 +511,10 @@ def stats_age(iso_ts: str | None) -> float:
     return (utcnow() - parse_iso(iso_ts)).total_seconds()
 
 
-def main(as_json: bool = False, out=sys.stdout) -> int:
+def main(as_json: bool = False, out=sys.stdout, send: bool = False) -> int:
     started = time.monotonic()
     checks = []
-    for check in Doctor().run():
+    for check in Doctor(send=send).run():
         checks.append(check)
         if not as_json:
             print(check.line(), file=out, flush=True)

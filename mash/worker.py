@@ -9,12 +9,19 @@ from __future__ import annotations
 import sys
 
 from mash import tasks
+from mash.config import ConfigError, check_notify_urls
 from mash.logs import start_process
 from mash.tasks.queue import CONSUMER_OPTIONS
 
 
 def main(argv=None) -> int:
-    if start_process() is None:
+    settings = start_process()
+    if settings is None:
+        return 2
+    try:
+        check_notify_urls(settings.notify_urls)     # Apprise's parse: only where it sends
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return 2
     tasks.huey.create_consumer(**CONSUMER_OPTIONS).run()
     return 0

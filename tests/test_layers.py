@@ -1,7 +1,7 @@
 """The house's rules, read from the source with ``ast``: layers point down only, no import
 cycle inside ``mash/``, the serial side never reaches the cloud or the queue, the clients
 never touch the ORM or the tasks, nothing imports the CLI, and no function-level import of
-the project's own modules (the only lazy import is the optional firebase-admin)."""
+the project's own modules (the only lazy imports are the optional firebase-admin and apprise)."""
 import ast
 from pathlib import Path
 
@@ -16,7 +16,7 @@ LAYERS = [
     ("store", ["mash.models", "mash.models.*"]),
     ("logic", ["mash.protocol", "mash.alerts", "mash.commands", "mash.control", "mash.chamber"]),
     ("clients", ["mash.cloud", "mash.cloud.errors", "mash.cloud.backend_api",
-                 "mash.cloud.mqtt_client", "mash.cloud.firebase"]),
+                 "mash.cloud.mqtt_client", "mash.cloud.firebase", "mash.cloud.notify"]),
     ("services", ["mash.simulator", "mash.board", "mash.housekeeping", "mash.reader",
                   "mash.climate", "mash.timekeeper", "mash.export",
                   "mash.devserver", "mash.devserver.*", "mash.tasks", "mash.tasks.*", "mash.cloud.sync",
@@ -27,8 +27,9 @@ LAYERS = [
 SERIAL_SIDE = ["mash.reader", "mash.board", "mash.housekeeping", "mash.climate", "mash.simulator",
                "mash.timekeeper",
                "mash.protocol", "mash.control", "mash.chamber"]
-CLIENTS = ["mash.cloud.backend_api", "mash.cloud.mqtt_client", "mash.cloud.firebase"]
-OPTIONAL = {"firebase_admin"}      # optional extras: imported lazily, guarded
+CLIENTS = ["mash.cloud.backend_api", "mash.cloud.mqtt_client", "mash.cloud.firebase",
+           "mash.cloud.notify"]
+OPTIONAL = {"firebase_admin", "apprise"}      # optional extras: imported lazily, guarded
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:

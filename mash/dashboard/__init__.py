@@ -232,6 +232,13 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         log.info("dashboard: sync now (%d pending)", result["pending"])
         return jsonify(result)
 
+    @app.post("/api/notify-test")
+    def notify_test():
+        guarded_post()
+        urls = actions.test_notification(store)
+        log.info("dashboard: test notification to %d URL(s)", urls)
+        return jsonify(urls=urls, status="queued")
+
     @app.post("/api/actuator")
     def actuator():
         body = guarded_post()

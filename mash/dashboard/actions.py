@@ -20,6 +20,7 @@ from mash.commands import Rejected, configure as checked_configuration
 from mash.config import Settings
 from mash.contract import ROOM_MODES, ROOMS
 from mash.models import COMPLETED, Store
+from mash.models.outbox import NOTIFY_ROUTES, NOTIFY_TEST
 
 
 class ActionError(ValueError):
@@ -39,6 +40,21 @@ def switch(store: Store, actuator, state) -> str:
     command_id = _command_id()
     store.add_command(command_id, "set_actuator", json.loads(line), "local")
     return command_id
+
+
+def test_notification(store: Store) -> int:
+    """Owe a test message to each notification URL the worker configured (the worker sends
+    it, one try, at once: the page never loads Apprise); returns how many URLs."""
+    sinks = (store.meta_get(NOTIFY_ROUTES) or {}).get("sinks") or []
+    if not sinks:
+        raise ActionError("no notification URL configured (NOTIFY_URLS), or the worker has "
+                          "not started since it was set")
+    with store.transaction():
+        store.outbox.add(NOTIFY_TEST, _command_id(), {
+            "title": "MASH: test", "message": "Test notification from the MASH dashboard"},
+            sinks=sinks)
+    return len(sinks)
+
 
 
 def configure(settings: Settings, store: Store, params) -> tuple[str, dict]:

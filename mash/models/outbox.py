@@ -26,6 +26,26 @@ def alert_payload(uid: str, alert) -> dict:
             "timestamp": iso(alert.created_at)}
 
 
+NOTIFY_ROUTES = "notify_routes"     # meta key: the notification sinks the worker configured
+NOTIFY_TEST = "notify_test"         # an outbox kind: the dashboard's test message, one try
+
+
+def notify_payload(uid: str, alert) -> dict:
+    """What a notification sink is owed of an alert: the alert's facts plus its ``state``
+    and ``level`` (the row's own severity, a cleared one's too). No URL: the sink's name is
+    the URL's hash; the worker holds the URL and words the text when it sends."""
+    return {**alert_payload(uid, alert), "state": alert.state, "level": alert.severity,
+            "event_type": alert.event_type}
+
+
+def notify_sinks_for(routes: dict | None, severity: str) -> list[str]:
+    """The notification sinks an alert of ``severity`` is owed to under ``routes``."""
+    rank = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+    if not routes or rank.get(severity, 0) < rank.get(routes.get("min_severity"), 2):
+        return []
+    return list(routes.get("sinks") or [])
+
+
 def ack_payload(cmd) -> dict:
     """A command's final status, as both sinks are told it."""
     response = json.loads(cmd.response) if cmd.response else {}
@@ -86,6 +106,9 @@ class Outbox:
         sql, params = "SELECT 1 FROM outbox WHERE done_at IS NULL", []
         if urgent_only:     # the very text of the outbox_urgent index's condition
             sql += f" AND substr(ref, 1, {len(ids.AUTO_PREFIX)}) <> '{ids.AUTO_PREFIX}'"
+            # a held notification (quiet hours, backoff) waits for the sweep; a new alert
+            # still wakes delivery through its other sinks' items
+            sql += f" AND NOT (substr(sink, 1, 7) = 'notify:' AND kind = '{ALERT}')"
         if sinks is not None:
             sinks = list(sinks)
             if not sinks:
@@ -95,6 +118,13 @@ class Outbox:
             params += sinks
         return self.m.Outbox._meta.database.execute_sql(sql + " LIMIT 1", params).fetchone() is not None
 
+    def owed_sinks(self, prefix: str) -> list[str]:
+        """The sinks named ``prefix...`` that are still owed something (a notification URL
+        removed from the settings leaves its items here)."""
+        O = self.m.Outbox
+        return [s for (s,) in O.select(O.sink).distinct()
+                .where(O.sink.startswith(prefix) & O.done_at.is_null()).tuples()]
+
     def owed_count(self, kind: str) -> int:
         """How many items of ``kind`` some sink is still owed (the owed rows only, through
         ``outbox_owed``)."""
@@ -102,4 +132,5 @@ class Outbox:
                 .where((self.m.Outbox.kind == kind) & self.m.Outbox.done_at.is_null()).count())
 
 
-__all__ = ["Outbox", "alert_payload", "ack_payload", "ALERT", "ACK"]
+__all__ = ["Outbox", "alert_payload", "ack_payload", "notify_payload", "notify_sinks_for",
+           "NOTIFY_ROUTES", "NOTIFY_TEST", "ALERT", "ACK"]

@@ -30,6 +30,7 @@ from mash.models import apps_outbox, retention, stats
 from mash.models.migrations import migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
+from mash.models.outbox import NOTIFY_ROUTES, notify_payload, notify_sinks_for
 from mash.models.schema import LOCAL, PENDING, REJECTED, SYNCED, bind_models
 
 PAGE_SIZE = 1024
@@ -319,12 +320,17 @@ class Store(LedgerMixin):
         now = now or utcnow()
         made = []
         with self.transaction():
+            routes = self.meta_get(NOTIFY_ROUTES)       # the worker's NOTIFY_URLS, hashed
             for e in events:
                 alert = self.m.Alert.create(event_type=e.event_type, severity=e.severity,
                                             room=e.room, value=e.value, threshold=e.threshold,
                                             message=e.message, state=e.state, created_at=now)
                 self.outbox.add(ALERT, alert.id, alert_payload(self.uid, alert), now=now)
                 apps_outbox.owe_alert(self, alert)
+                notify = notify_sinks_for(routes, alert.severity)
+                if notify:
+                    self.outbox.add(ALERT, alert.id, notify_payload(self.uid, alert),
+                                    sinks=notify, now=now)
                 made.append(alert.id)
         return made
 

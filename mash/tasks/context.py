@@ -18,6 +18,7 @@ from mash.clock import ClockSource, from_epoch, iso
 from mash.config import Settings
 from mash.control import effective_modes
 from mash.models import Store
+from mash.tasks.notify import Notifier, publish_routes
 
 log = logging.getLogger("mash.worker")
 
@@ -43,6 +44,8 @@ class WorkerContext:
         self.backend = backend if backend is not None and getattr(backend, "enabled", True) else None
         self.mqtt = mqtt if mqtt is not None and getattr(mqtt, "enabled", True) else None
         self.firebase = firebase if firebase is not None and firebase.is_initialized else None
+        self.notifier = Notifier(settings.notify_sinks) if settings.notify_urls else None
+        publish_routes(self.store, settings)
         self.registered = False
         self.clock = clock_source or ClockSource(trust=settings.clock_sync == "trust")
         self._clock_fact_boot: str | None = None

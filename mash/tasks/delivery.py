@@ -23,6 +23,7 @@ from huey.exceptions import TaskLockedException
 from mash.cloud.errors import BackendError, NotFound, PermanentError
 from mash.models import ACK, ALERT
 from mash.tasks.firebase_apps import apps_on, deliver_firebase
+from mash.tasks.notify import deliver_notifications
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")
@@ -54,22 +55,24 @@ def deliver_owed(ctx) -> int:
     """One pass over what each sink is owed. A backend failure does not hold MQTT back: it
     is raised after MQTT's turn."""
     record_confirmed(ctx)
-    try:
+    notified = deliver_notifications(ctx)      # first, and never raises: the phone hears
+    try:                                        # of a crisis while the cloud is down
         done = _to_backend(ctx)
     except BackendError as exc:
         _to_mqtt(ctx)
         deliver_firebase(ctx)
         raise exc from None
-    return done + _to_mqtt(ctx) + deliver_firebase(ctx)
+    return notified + done + _to_mqtt(ctx) + deliver_firebase(ctx)
 
 
 def sinks_to_sweep(ctx) -> tuple[str, ...]:
     """The sinks a sweep can deliver to now: configured (and MQTT connected: its reconnect
-    wakes the sweep)."""
+    wakes the sweep), each notification URL among them."""
+    notifier = getattr(ctx, "notifier", None)
     return tuple(name for name, on in (("backend", ctx.backend is not None),
                                        ("mqtt", ctx.mqtt is not None and ctx.mqtt.is_alive()),
                                        ("firebase", apps_on(ctx)))
-                 if on)
+                 if on) + tuple(notifier.sinks if notifier else ())
 
 
 def due(ctx, urgent_only: bool = False) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from mash.alerts import AlertEvent
 from mash.clock import parse_iso, utcnow
 from mash.cloud.errors import PermanentError, RetryableError
 from mash.cloud.firebase import FirebaseError, status_object
@@ -32,6 +33,24 @@ def device_status(processes: dict, now: dt.datetime) -> tuple[str, str | None]:
     return "ONLINE", None
 
 
+DEVICE_ALERT = "board_lost"          # the board (or the reader) gone for five minutes
+
+
+def _device_alert(ctx, state: str, why: str | None) -> None:
+    """The device's ERROR as a CRITICAL ``board_lost`` alert, raised once and cleared once
+    (read back from the store, so a restarted worker does not raise it again): it reaches
+    every sink, and the grower's phone, as any alert does."""
+    active = (None, DEVICE_ALERT) in ctx.store.active_alert_keys()
+    if state == "ERROR" and not active:
+        ctx.store.add_alerts([AlertEvent(DEVICE_ALERT, "CRITICAL", None, None, None, "raised",
+                                         why)])
+        ctx.wake("deliver_now")
+    elif state != "ERROR" and active:
+        ctx.store.add_alerts([AlertEvent(DEVICE_ALERT, "CRITICAL", None, None, None, "cleared",
+                                         "board connected again")])
+        ctx.wake("deliver_now")
+
+
 def heartbeat(ctx) -> dict:
     """Status to every sink; a sink that fails is recorded, never raised (its next beat is
     the retry)."""
@@ -44,6 +63,7 @@ def heartbeat(ctx) -> dict:
         elif ctx.device_state == "ERROR":
             log.info("device status back to ONLINE")
         ctx.device_state = state
+    _device_alert(ctx, state, why)
     if ctx.backend is not None:
         try:
             ensure_registered(ctx)

@@ -133,6 +133,12 @@
       text($("#drain"), "sync enqueued (" + r.pending + " pending)");
     } catch (e) { text($("#drain"), "sync refused: " + e.message); }
   });
+  $("#notify-test").addEventListener("click", async () => {
+    try {
+      const r = await post("/api/notify-test");
+      text($("#notify-result"), "sent to the worker for " + r.urls + " URL(s): check your phone");
+    } catch (e) { text($("#notify-result"), "not sent: " + e.message); }
+  });
   for (const btn of $$("[data-switch]")) {
     btn.addEventListener("click", async () => {
       const li = btn.closest("[data-actuator]");
