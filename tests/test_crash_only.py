@@ -5,6 +5,7 @@ status, doctor and export never create a store.
 
 Store writes fail for real here: SQLite triggers that RAISE on every insert and update of
 the reader's tables (the tests run as root, so a read-only file mode would not stop them)."""
+import datetime
 import os
 import re
 import signal
@@ -57,7 +58,7 @@ def reading(seq):
 
 
 def test_store_failing_while_the_board_is_absent_kills_nothing_and_loses_nothing(make_settings,
-                                                                                 board):
+                                                                                 board, caplog):
     settings = make_settings(SERIAL_PORT=board.port, CONTROL_MODE="off", STALE_AFTER="10")
     r = Reader(settings)
     r.housekeeping.EVERY = 0.5
@@ -68,19 +69,21 @@ def test_store_failing_while_the_board_is_absent_kills_nothing_and_loses_nothing
         wait_for(lambda: r.connected_port, what="the reader to open the port")
         wait_for(lambda: board.boots > boots, what="the board's reset on open")
         refuse_writes(settings.db_path)
-        for seq in range(5):
-            board.emit_reading(reading(seq))
-        board.inject_garbage(3)
-        wait_for(lambda: r.held_kinds.get("reading") == 5, what="5 readings held in memory")
-        board.unplug()
-        wait_for(lambda: r.connected_port is None, what="the reader to see the board gone")
-        # with no board: the bad-line counts, heartbeats and (10 s on) the stale alerts
-        wait_for(lambda: r.held_kinds.get("alert", 0) >= 1, timeout=30,
-                 what="the stale-sensor alerts held while the store refuses them")
-        assert t.is_alive()
-        assert r.held_kinds["counter"] >= 1 and r.store_error
-        accept_writes(settings.db_path)
-        wait_for(lambda: not r.unstored, timeout=15, what="everything held written")
+        with caplog.at_level("INFO", logger="mash.reader"):
+            # five readings and three bad lines in one write: handled in one loop step
+            board.inject(b"".join(encode_reading(reading(seq)) for seq in range(5)) +
+                         b"\xff\xfe\n" * 3)
+            wait_for(lambda: "cannot write to the store" in caplog.text, what="writes refused")
+            board.unplug()
+            wait_for(lambda: r.connected_port is None, what="the reader to see the board gone")
+            # with no board: the bad-line counts, heartbeats and (10 s on) the stale alerts,
+            # each refused by the store
+            wait_for(lambda: "alert raised: no valid spawning reading" in caplog.text
+                     or not t.is_alive(), timeout=40, what="the stale-sensor alerts")
+            assert t.is_alive(), "the reader died"
+            assert r.store_error and r.unstored
+            accept_writes(settings.db_path)
+            wait_for(lambda: not r.unstored, timeout=15, what="everything held written")
         assert t.is_alive()
         S, A = r.store.m.SensorData, r.store.m.Alert
         co2 = sorted(x.co2 for x in S.select().where(S.room == "fruiting"))
@@ -365,3 +368,31 @@ def test_doctor_reports_a_corrupt_store_instead_of_crashing(tmp_path, run_cli):
     assert line.startswith("✗") and "file is not a database" in line and "sets a corrupt store aside" in line
     assert (data / "mash.db").read_bytes() == garbage    # doctor only looks
     assert set_aside(data) == []
+
+
+def test_a_store_found_malformed_at_a_query_is_set_aside_and_the_next_write_goes_to_a_fresh_one(
+        tmp_path):
+    data = tmp_path / "data"
+    old = Store(data / "mash.db")
+    S = old.m.SensorData
+    now = datetime.datetime(2026, 11, 1)
+    with old.transaction():
+        for start in range(0, 20000, 1000):
+            S.insert_many([dict(room="fruiting", temperature=24.0, humidity=85.0, co2=i,
+                                timestamp=now, fb_key=f"k{i}")
+                           for i in range(start, start + 1000)]).execute()
+    old.close()
+    path = data / "mash.db"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:                          # the header and schema intact,
+        f.seek(size // 2)                                 # the readings' pages torn
+        f.write(os.urandom(size // 3))
+    store = Store(path)                                   # opens: page 1 reads fine
+    with pytest.raises(Exception, match="malformed"):
+        store.m.SensorData.select().where(store.m.SensorData.co2 > 0).count()
+    store.save_sensor_data(reading(7))                    # the next statement: the fresh file
+    assert len(set_aside(data)) == 1
+    fresh = Store(path, readonly=True)
+    assert [r.co2 for r in fresh.m.SensorData.select()] == [407, 900]
+    A = fresh.m.Alert
+    assert A.select().where(A.event_type == "store_corrupt").count() == 1
