@@ -301,6 +301,8 @@ class Reader:
             self.unstored = deque(h for h in self.unstored if h[0] != kind)
             self.held_kinds[kind] = 0
         if len(self.unstored) >= self.UNSTORED_MAX:
+            self._flush_unstored()               # the store may take them again by now
+        if len(self.unstored) >= self.UNSTORED_MAX:
             dropped_kind = self.unstored.popleft()[0]
             self.held_kinds[dropped_kind] -= 1
             if not self.dropped - self._dropped_recorded:

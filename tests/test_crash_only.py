@@ -99,6 +99,26 @@ def test_store_failing_while_the_board_is_absent_kills_nothing_and_loses_nothing
     assert r.clean_stop
 
 
+def test_past_its_memory_bound_the_reader_drops_the_oldest_and_counts_them(make_settings,
+                                                                           caplog):
+    r = Reader(make_settings(CONTROL_MODE="off"))
+    r.UNSTORED_MAX = 10
+    refuse_writes(r.settings.db_path)
+    with caplog.at_level("ERROR", logger="mash.reader"):
+        for seq in range(15):
+            r.handle_line(encode_reading(reading(seq)).strip())
+        assert r.dropped == 5 and len(r.unstored) == 10
+        assert caplog.text.count("10 writes held in memory, the most it keeps") == 1
+        accept_writes(r.settings.db_path)
+        r.housekeeping._last = 0
+        r.chores()
+    assert not r.unstored
+    S = r.store.m.SensorData
+    assert sorted(x.co2 for x in S.select().where(S.room == "fruiting")) == list(range(405, 415))
+    assert r.store.counters()["reader_dropped"] == 5
+    assert "5 held writes had been dropped" in caplog.text
+
+
 def test_a_stop_that_cannot_write_says_how_much_and_exits_non_zero(tmp_path, board):
     data = tmp_path / "data"
     env = dict(os.environ, MASH_DATA_DIR=str(data), SERIAL_PORT=board.port, CONTROL_MODE="off",
