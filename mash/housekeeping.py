@@ -9,6 +9,7 @@ import time
 from mash.alerts import AlertEngine, AlertEvent
 from mash.config import Settings
 from mash.control import ClimateController
+from mash.models.retention import OWED_STALE
 from mash.rules import DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds
 
 log = logging.getLogger("mash.reader")
@@ -18,6 +19,7 @@ class Housekeeping:
     EVERY = 5.0
     SUMMARY_EVERY = 60.0
     BUDGET_EVERY = 60.0
+    AGE_OUT_EVERY = 3600.0      # one batch an hour: fewer pages rewritten than a trickle
 
     def __init__(self, settings: Settings, store, engine: AlertEngine,
                  controller: ClimateController | None = None, add_alerts=None):
@@ -28,6 +30,8 @@ class Housekeeping:
         self._storage_over = (store.meta_get("storage") or {}).get("over")
         self._last = 0.0
         self._last_budget = 0.0
+        self._last_age_out: float | None = None
+        self._drops_logged: set[str] = set()
         self._last_summary = time.monotonic()
         self._summary_base = (0, 0)
         self.reload_configuration()
@@ -56,10 +60,27 @@ class Housekeeping:
             self._summary_base = (stored_rows, bad_total)
             self._last_summary = now
 
-    def check_budget(self) -> None:
-        """MAX_DB_MB: retention first; if what is left is all unsynced, say so loudly."""
-        state = self.store.enforce_budget(self.settings.max_db_mb * 2**20,
-                                          firebase_on=self.settings.firebase_enabled)
+    def check_budget(self, now=None) -> None:
+        """MAX_DB_MB: the hourly age-out (at once when over the budget), then retention; if
+        what is left is all unsynced, say so loudly. ``now``: the wall time to age out
+        against (default the clock's)."""
+        max_bytes = self.settings.max_db_mb * 2**20
+        mono = time.monotonic()
+        if (self._last_age_out is None or mono - self._last_age_out >= self.AGE_OUT_EVERY
+                or self.store.used_bytes() > max_bytes):
+            self._last_age_out = mono
+            aged = self.store.age_out(now)
+            if any(aged.values()):
+                log.debug("retention: aged out %d outbox rows, %d commands, %d alerts",
+                          aged["outbox"], aged["commands"], aged["alerts"])
+        state = self.store.enforce_budget(max_bytes, firebase_on=self.settings.firebase_enabled,
+                                          now=now)
+        for sink, n in state["dropped"].items():
+            if sink not in self._drops_logged:
+                self._drops_logged.add(sink)
+                log.warning("retention: the store needed room: dropped %d items owed to %s for "
+                            "over %d days (counted in outbox_dropped.%s; later drops are "
+                            "counted, not logged)", n, sink, OWED_STALE.days, sink)
         if state["deleted"]:
             log.info("retention: deleted %d synced readings (store %.1f MB of %.0f MB)",
                      state["deleted"], state["used_mb"], state["max_mb"])

@@ -13,6 +13,9 @@ from mash.clock import iso, utcnow
 from mash.models.outbox import ACK, ack_payload
 from mash.models.schema import COMPLETED, FAILED, FINAL, QUEUED, RUNNING
 
+# meta key: the command ids the backend's last poll listed as pending or sent
+BACKEND_LISTED = "commands.backend_listed"
+
 
 def writes(method):
     """Mark a Store method that writes: it runs under the store's write lock.
@@ -36,13 +39,15 @@ class LedgerMixin:
     def add_command(self, command_id: str, command: str, parameters: dict, source: str,
                     expires_at: dt.datetime | None = None, status: str = QUEUED,
                     reason: str | None = None, response: dict | None = None,
-                    desired: tuple[str, str] | None = None) -> bool:
+                    desired: tuple[str, str] | None = None,
+                    now: dt.datetime | None = None) -> bool:
         """Put a command in the ledger once; False when its id was already there. A command
         added already final (rejected, or the climate controller's own once the board
         answered) is owed to the sinks at once, with the relay's new state when it
-        completed: one transaction."""
+        completed: one transaction. ``now``: the time it is recorded at (default the
+        clock's)."""
         C = self.m.Command
-        now = utcnow()
+        now = now or utcnow()
         final = status in FINAL
         try:
             with self.transaction():
@@ -55,12 +60,24 @@ class LedgerMixin:
                                response=json.dumps(response) if response is not None else None,
                                attempts=1 if final and response is not None else 0)
                 if final:
-                    self.outbox.add(ACK, command_id, ack_payload(cmd))
+                    self.outbox.add(ACK, command_id, ack_payload(cmd), now=now)
                 if desired and status == COMPLETED:
-                    self.set_desired(*desired, source=source)
+                    self.set_desired(*desired, source=source, now=now)
         except IntegrityError:      # another thread or process stored it first
             return False
         return True
+
+    def note_backend_listed(self, command_ids) -> None:
+        """The ids the backend's last command poll listed as ``pending`` or ``sent``:
+        retention keeps their ledger rows however old, since the poll would run a listed id
+        missing from the ledger again. Written only when the set changes (normally it is
+        empty between commands)."""
+        listed = sorted({c for c in command_ids if isinstance(c, str)})
+        if self.meta_get(BACKEND_LISTED, []) != listed:
+            self.meta_set(BACKEND_LISTED, listed)
+
+    def backend_listed(self) -> set[str]:
+        return set(self.meta_get(BACKEND_LISTED, []))
 
     def known_command(self, command_id: str) -> bool:
         """Is ``command_id`` in the ledger, whatever its status?"""
@@ -100,20 +117,22 @@ class LedgerMixin:
     @writes
     def finish_command(self, command_id: str, ok: bool, reason: str | None = None,
                        response: dict | None = None,
-                       desired: tuple[str, str] | None = None) -> bool:
+                       desired: tuple[str, str] | None = None,
+                       now: dt.datetime | None = None) -> bool:
         """Atomically record a command's final status once, owe its ack to every sink and,
         for a relay that switched, remember the desired state. False if it was already
         final."""
         C = self.m.Command
+        now = now or utcnow()
         with self.transaction():
             changed = (C.update(status=COMPLETED if ok else FAILED, reason=reason,
-                                response=json.dumps(response or {}), finished_at=utcnow())
+                                response=json.dumps(response or {}), finished_at=now)
                        .where((C.command_id == command_id) & C.status.not_in(FINAL)).execute())
             if changed:
                 cmd = self.command(command_id)
-                self.outbox.add(ACK, command_id, ack_payload(cmd))
+                self.outbox.add(ACK, command_id, ack_payload(cmd), now=now)
                 if desired:
-                    self.set_desired(*desired, source=cmd.source)
+                    self.set_desired(*desired, source=cmd.source, now=now)
         return bool(changed)
 
     # -- actuators ----------------------------------------------------------------------
@@ -134,7 +153,8 @@ class LedgerMixin:
                 for a in A.select().order_by(A.actuator)}
 
     @writes
-    def set_desired(self, actuator: str, state: str, source: str = "local") -> None:
+    def set_desired(self, actuator: str, state: str, source: str = "local",
+                    now: dt.datetime | None = None) -> None:
         """Remember the state ``actuator`` should be in and who set it (``since`` moves only
         when the state changes)."""
         A = self.m.ActuatorState
@@ -143,4 +163,5 @@ class LedgerMixin:
             if row.source != source:
                 A.update(source=source).where(A.actuator == actuator).execute()
             return
-        A.replace(actuator=actuator, desired=state, updated_at=utcnow(), source=source).execute()
+        A.replace(actuator=actuator, desired=state, updated_at=now or utcnow(),
+                  source=source).execute()

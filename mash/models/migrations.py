@@ -20,7 +20,7 @@ from mash.models.schema import create_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class SchemaTooNew(RuntimeError):
@@ -90,8 +90,14 @@ def _v4(db, migrator, m) -> None:
     create_indexes(db)
 
 
+def _v5(db, migrator, m) -> None:
+    """Indexes for the hot reads retention's bounded tables still leave: the urgent owed
+    items, the grower's own commands, each condition's latest alert."""
+    create_indexes(db)
+
+
 # version -> step that upgrades a database from version-1 to version.
-STEPS = {2: _v2, 3: _v3, 4: _v4}
+STEPS = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def migrate(db, models) -> int:

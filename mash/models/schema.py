@@ -144,10 +144,18 @@ MODELS = (SensorData, Alert, Command, Outbox, ActuatorState, Counter, SinkState,
 
 # Indexes where a hot loop looks for the few open rows among many closed ones: the reader's
 # next board command (by status), each sink's owed outbox items (partial: an item leaves the
-# index once delivered, so it stays the size of the work in hand).
+# index once delivered, so it stays the size of the work in hand). Schema v5: the owed items
+# that are not the climate controller's acks (the scheduler's "deliver now?", every tick), the
+# grower's own commands (the dashboard), each condition's latest alert (retention, start-up).
+# The partial ones cost no write for the rows they leave out (the controller's switches).
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS commands_status ON commands (status, seq)",
     "CREATE INDEX IF NOT EXISTS outbox_owed ON outbox (sink, id) WHERE done_at IS NULL",
+    # the literal must match Outbox.owed's query text (ids.AUTO_PREFIX)
+    "CREATE INDEX IF NOT EXISTS outbox_urgent ON outbox (id) "
+    "WHERE done_at IS NULL AND substr(ref, 1, 5) <> 'auto-'",
+    "CREATE INDEX IF NOT EXISTS commands_local ON commands (seq) WHERE source = 'local'",
+    "CREATE INDEX IF NOT EXISTS alerts_key ON alerts (room, event_type, id)",
 )
 
 

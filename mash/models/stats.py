@@ -46,6 +46,9 @@ def collect(store) -> dict:
         "storage_used_mb": storage.get("used_mb"),
         "storage_over_budget": bool(storage.get("over")),
         "readings_deleted_by_retention": counters.get("retention_deleted", 0),
+        # alerts and acks a long-unreachable sink was owed, deleted when the store needed room
+        "owed_dropped_by_retention": sum(v for k, v in counters.items()
+                                         if k.startswith("outbox_dropped.")),
         "actuators": store.actuator_states(),
         # readings stamped before the clock was synchronized, held from every sink
         "clock_held_readings": (last_id - hold + 1) if hold else 0,

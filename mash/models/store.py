@@ -452,28 +452,32 @@ class Store(LedgerMixin):
 
     # -- alerts -------------------------------------------------------------------------
     @writes
-    def add_alerts(self, events) -> list[int]:
+    def add_alerts(self, events, now: dt.datetime | None = None) -> list[int]:
         """Store alert events and owe each to every sink, in one transaction; returns the
         alert row ids."""
-        now = utcnow()
+        now = now or utcnow()
         made = []
         with self.transaction():
             for e in events:
                 alert = self.m.Alert.create(event_type=e.event_type, severity=e.severity,
                                             room=e.room, value=e.value, threshold=e.threshold,
                                             message=e.message, state=e.state, created_at=now)
-                self.outbox.add(ALERT, alert.id, alert_payload(self.uid, alert))
+                self.outbox.add(ALERT, alert.id, alert_payload(self.uid, alert), now=now)
                 made.append(alert.id)
         return made
 
-    def active_alert_keys(self) -> set[tuple[str, str]]:
-        """(room, event_type) whose latest alert is ``raised``: conditions still on."""
+    def latest_alert_ids(self) -> list[int]:
+        """Each condition's (room, event_type) latest alert row: a scan of the ``alerts_key``
+        index alone, over a table retention keeps to ALERT_KEEP (and these rows)."""
         A = self.m.Alert
-        latest = (A.select(A.room, A.event_type, fn.MAX(A.id).alias("last"))
-                  .group_by(A.room, A.event_type))
-        last_ids = [row.last for row in latest]
+        return [last for (last,) in A.select(fn.MAX(A.id)).group_by(A.room, A.event_type).tuples()]
+
+    def active_alert_keys(self) -> set[tuple[str, str]]:
+        """(room, event_type) whose latest alert is ``raised``: conditions still on.
+        Retention never deletes a condition's latest row."""
+        A = self.m.Alert
         return {(a.room, a.event_type) for a in
-                A.select().where(A.id.in_(last_ids) & (A.state == "raised"))}
+                A.select().where(A.id.in_(self.latest_alert_ids()) & (A.state == "raised"))}
 
     # -- the outbox (alerts and command outcomes owed to sinks) ------------------------------
     def owed(self, sink: str, limit: int = 100) -> list:
@@ -486,10 +490,11 @@ class Store(LedgerMixin):
         return self.outbox.done(item_id, error)
 
     @writes
-    def delivered_many(self, item_ids: list[int], error: str | None = None) -> int:
+    def delivered_many(self, item_ids: list[int], error: str | None = None,
+                       now: dt.datetime | None = None) -> int:
         """Mark many outbox items done in one transaction; returns how many changed."""
         with self.transaction():
-            return self.outbox.done_many(item_ids, error)
+            return self.outbox.done_many(item_ids, error, now=now)
 
     @writes
     def delivered_each(self, marks: list[tuple[int, str | None]]) -> None:
@@ -498,9 +503,10 @@ class Store(LedgerMixin):
             for item_id, error in marks:
                 self.outbox.done(item_id, error)
 
-    def has_undelivered(self, urgent_only: bool = False) -> bool:
-        """Anything owed to any sink (a read, no write); see ``Outbox.owed``."""
-        return self.outbox.owed(urgent_only)
+    def has_undelivered(self, urgent_only: bool = False, sinks=None) -> bool:
+        """Anything owed to any sink (or to one of ``sinks``), a read, no write; see
+        ``Outbox.owed``."""
+        return self.outbox.owed(urgent_only, sinks)
 
     # -- sinks --------------------------------------------------------------------------
     def _upsert_sink(self, name: str, **values) -> None:
@@ -543,9 +549,14 @@ class Store(LedgerMixin):
     def used_bytes(self) -> int:
         return retention.used_bytes(self)
 
+    def age_out(self, now: dt.datetime | None = None) -> dict[str, int]:
+        """Each chunk its own short write transaction: readings are never kept waiting."""
+        return retention.age_out(self, now)
+
     @writes
-    def enforce_budget(self, max_bytes: int, firebase_on: bool = False) -> dict:
-        return retention.enforce_budget(self, max_bytes, firebase_on)
+    def enforce_budget(self, max_bytes: int, firebase_on: bool = False,
+                       now: dt.datetime | None = None) -> dict:
+        return retention.enforce_budget(self, max_bytes, firebase_on, now)
 
     def get_stats(self) -> dict:
         """The guide's stats, derived from the store so every process reports the same."""

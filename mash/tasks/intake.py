@@ -89,6 +89,10 @@ def poll_commands(ctx) -> int:
         return 0
     ensure_registered(ctx)
     commands = backend_call(ctx, ctx.backend.fetch_commands)
+    # retention keeps every id listed open here, however old: a listed id missing from the
+    # ledger would be run again
+    ctx.store.note_backend_listed(cmd.get("id") for cmd in commands if isinstance(cmd, dict)
+                                  and cmd.get("status") in ("pending", "sent"))
     new = 0
     for cmd in reversed(commands):              # history is newest first; act oldest first
         if not isinstance(cmd, dict) or cmd.get("status") not in ("pending", "sent"):
