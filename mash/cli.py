@@ -15,7 +15,7 @@ from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
 from mash.logs import setup_logging
-from mash.models import Store, StoreCorrupt, StoreMissing
+from mash.models import SchemaTooNew, Store, StoreCorrupt, StoreMissing, StoreOutdated
 from mash.models.stats import SINK_WORDS, sink_states
 
 
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except StoreMissing as exc:           # status, export: they never create a store
+    except (StoreMissing, StoreOutdated, SchemaTooNew) as exc:   # status, export: read-only
         print(exc, file=sys.stderr)
         return 1
     except StoreCorrupt as exc:

@@ -158,7 +158,7 @@ class Doctor:
             return
         try:
             store = Store(db, readonly=True)
-        except DatabaseError as exc:
+        except (DatabaseError, RuntimeError) as exc:
             yield Check("serial reading", False, f"the reader holds the port but the store "
                         f"cannot be read ({exc})", "see the store checks below")
             return
@@ -364,7 +364,7 @@ class Doctor:
                 return store.processes()
             finally:
                 store.close()
-        except DatabaseError:            # a corrupt store: the store check says so
+        except (DatabaseError, RuntimeError):   # corrupt, not migrated: the store checks say so
             return {}
 
     def processes(self):
@@ -388,7 +388,7 @@ class Doctor:
                 stats = store.get_stats()
             finally:
                 store.close()
-        except DatabaseError as exc:
+        except (DatabaseError, RuntimeError) as exc:
             yield Check("last reading", False, f"the store cannot be read ({exc})",
                         "see the store integrity check above")
             yield from self._not_tried("backlog")

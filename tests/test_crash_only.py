@@ -416,3 +416,15 @@ def test_a_store_found_malformed_at_a_query_is_set_aside_and_the_next_write_goes
     assert [r.co2 for r in fresh.m.SensorData.select()] == [407, 900]
     A = fresh.m.Alert
     assert A.select().where(A.event_type == "store_corrupt").count() == 1
+
+
+def test_status_never_migrates_a_store(tmp_path, run_cli):
+    data = tmp_path / "data"
+    Store(data / "mash.db").close()
+    with sqlite3.connect(data / "mash.db") as con:
+        con.execute("PRAGMA user_version = 3")            # as an older gateway left it
+    done = run_cli("status", env={"MASH_DATA_DIR": str(data), "MASH_ENV_FILE": str(tmp_path / "none")})
+    assert done.returncode == 1
+    assert "has schema v3" in done.stderr and "start the reader (it migrates it)" in done.stderr
+    with sqlite3.connect(data / "mash.db") as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 3

@@ -30,7 +30,7 @@ from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
 from mash.models import retention, stats
-from mash.models.migrations import migrate
+from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
 from mash.models.schema import PENDING, REJECTED, SYNCED, bind_models
@@ -50,6 +50,10 @@ class StoreMissing(FileNotFoundError):
 
 class StoreCorrupt(DatabaseError):
     """A read-only open of a store SQLite cannot read (the writers set it aside)."""
+
+
+class StoreOutdated(RuntimeError):
+    """A read-only open of a store not yet migrated to this gateway's schema."""
 
 
 def is_corrupt(exc: BaseException) -> bool:
@@ -181,6 +185,13 @@ class Store(LedgerMixin):
     def _open(self) -> None:
         if self.readonly:
             self.db.connect(reuse_if_open=True)
+            version = self.db.pragma("user_version")
+            if version != SCHEMA_VERSION:
+                if version > SCHEMA_VERSION:
+                    raise SchemaTooNew(f"{self.path} has schema v{version}, newer than this "
+                                       f"gateway's v{SCHEMA_VERSION}: upgrade the gateway")
+                raise StoreOutdated(f"the store at {self.path} has schema v{version}, this "
+                                    f"gateway v{SCHEMA_VERSION}: start the reader (it migrates it)")
             self.uid = self.meta_get("db_uid")
             return
         with _file_lock(self.path):          # one process creates or migrates a file

@@ -177,23 +177,28 @@ def _worker_started() -> None:
         if _locks_flushed:
             return
         _locks_flushed = True
-        flushed = huey.flush_locks()
-        if flushed:
-            log.warning("cleared task locks left by an unclean stop: %s", ", ".join(sorted(flushed)))
-        if _context is not None:          # the sync manager brought its own context
-            return
         try:
-            settings = Settings.load()
-        except ConfigError as exc:        # a bare huey_consumer: one line, exit code 2
-            print(exc, file=sys.stderr, flush=True)
-            os._exit(2)
-        setup_logging(settings.log_level)
-        try:
+            flushed = huey.flush_locks()
+            if flushed:
+                log.warning("cleared task locks left by an unclean stop: %s",
+                            ", ".join(sorted(flushed)))
+            if _context is not None:          # the sync manager brought its own context
+                return
+            try:
+                settings = Settings.load()
+            except ConfigError as exc:        # a bare huey_consumer: one line, exit code 2
+                print(exc, file=sys.stderr, flush=True)
+                os._exit(2)
+            setup_logging(settings.log_level)
             _context = WorkerContext(settings)
             _service = start_service(_context)
         except Exception as exc:
             log.debug("worker start-up failed", exc_info=True)
-            log.critical("worker cannot start: %s: %s", type(exc).__name__, exc)
+            if logging.getLogger().handlers:
+                log.critical("worker cannot start: %s: %s", type(exc).__name__, exc)
+            else:                             # before logging is set up
+                print(f"worker cannot start: {type(exc).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
             logging.shutdown()
             os._exit(1)
         notify.ready()
