@@ -18,6 +18,7 @@ from collections import deque
 
 import serial
 from peewee import DatabaseError
+from serial import SerialException
 from serial.tools import list_ports
 
 from mash import notify, protocol
@@ -134,7 +135,7 @@ class Reader:
                         log.warning("board not available: %s; retrying", problem)
                         last_problem = problem
                         self._board_changed(False, problem=problem)
-                    with self._guard():
+                    with self._guard(link_open=False):
                         self.chores()
                     self.stop_event.wait(delay)
                     delay = min(delay * 2, self.RECONNECT_MAX)
@@ -173,19 +174,20 @@ class Reader:
                 log.info("reader stopped")
 
     @contextlib.contextmanager
-    def _guard(self):
+    def _guard(self, link_open: bool = True):
         """One loop step: whatever fails in it (the store, a bug) is logged, once per kind,
-        and the loop goes on; what the step meant to write is held (``_keep``). A serial
-        error passes: it ends the connection, which is then reopened."""
+        and the loop goes on; what the step meant to write is held (``_keep``). With a link
+        open, a serial error passes: it ends the connection, which is then
+        reopened."""
         try:
             yield
-        except (serial.SerialException, OSError):
-            raise
         except DatabaseError as exc:
             if self.store_error is None:
                 log.error("store error (%s): the reader goes on, holding what it cannot write", exc)
             self.store_error = str(exc)
-        except Exception as exc:               # a bug: logged with its stack, once
+        except Exception as exc:               # a bug, a file error: logged with its stack, once
+            if link_open and isinstance(exc, (SerialException, OSError)):
+                raise
             kind = f"{type(exc).__name__}:{exc}"[:200]
             if kind not in self._failed_kinds:
                 self._failed_kinds.add(kind)
