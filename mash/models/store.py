@@ -230,6 +230,10 @@ class Store(LedgerMixin):
                 return
             stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
             aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while aside.exists():                # twice in a second: never over an earlier one
+                n += 1
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             for suffix in ("", "-wal", "-shm"):
                 src = self.path.with_name(self.path.name + suffix)
                 if src.exists():
