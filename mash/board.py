@@ -36,8 +36,14 @@ class BoardCommands:
     ACK_ATTEMPTS = 3
     LEDGER_POLL = 0.1
 
-    def __init__(self, store, count_bad, on_settled=None, restorable=None):
+    def __init__(self, store, count_bad, on_settled=None, restorable=None, record=None,
+                 holding=None):
         self.store = store
+        # fn(kind, write): what the board answered goes into the ledger through the reader's
+        # write-or-hold path (a store failure never loses a reply); holding() says replies
+        # are still held, so the ledger (not up to date) is not read for the next command
+        self.record = record or (lambda kind, write: write())
+        self.holding = holding or (lambda: False)
         self.count_bad = count_bad        # fn(kind, detail): an unexpected reply is a bad line
         # fn(actuator, state, source, ok): a relay command ended (the climate controller)
         self.on_settled = on_settled or (lambda actuator, state, source, ok: None)
@@ -113,19 +119,19 @@ class BoardCommands:
         if flight.source == "auto":
             self._record_auto(flight, ok, None if ok else msg.line, response)
         else:
-            self.store.finish_command(flight.command_id, ok, reason=None if ok else msg.line,
-                                      response=response, desired=desired)
+            self.record("command", lambda: self.store.finish_command(
+                flight.command_id, ok, reason=None if ok else msg.line, response=response,
+                desired=desired))
         # the climate controller's own switches are logged by it, a line per rule change
         log.log(logging.DEBUG if flight.source == "auto" and ok else logging.INFO,
                 "command %s %s: %s", flight.command_id, "completed" if ok else "failed", msg.line)
 
     def _record_auto(self, flight: InFlight, ok: bool, reason: str | None,
                      response: dict | None) -> None:
-        self.store.add_command(flight.command_id, "set_actuator",
-                               {"actuator": flight.actuator, "state": flight.state}, "auto",
-                               status=COMPLETED if ok else FAILED, reason=reason,
-                               response=response or {},
-                               desired=(flight.actuator, flight.state) if ok else None)
+        self.record("command", lambda: self.store.add_command(
+            flight.command_id, "set_actuator", {"actuator": flight.actuator, "state": flight.state},
+            "auto", status=COMPLETED if ok else FAILED, reason=reason, response=response or {},
+            desired=(flight.actuator, flight.state) if ok else None))
 
     def drive(self, write, now: float | None = None) -> None:
         """Write what is due: a command again after ACK_TIMEOUT, a desired state to restore,
@@ -143,7 +149,9 @@ class BoardCommands:
                     self._record_auto(flight, False, reason, None)
                     log.warning("control: %s %s failed: %s", flight.actuator, flight.state, reason)
                 elif flight.command_id:
-                    self.store.finish_command(flight.command_id, False, reason=reason)
+                    command_id = flight.command_id
+                    self.record("command", lambda: self.store.finish_command(
+                        command_id, False, reason=reason))
                     log.warning("command %s failed: %s", flight.command_id, reason)
                 else:
                     log.warning("restoring %s %s: %s", flight.actuator, flight.state, reason)
@@ -162,7 +170,7 @@ class BoardCommands:
             self.inflight = InFlight(actuator, state, command_id, now, 1, "auto")
             write(protocol.encode_command(actuator, state))
             return
-        if now < self._next_ledger:
+        if now < self._next_ledger or self.holding():
             return
         self._next_ledger = now + self.LEDGER_POLL
         version = self.store.data_version()
@@ -173,14 +181,17 @@ class BoardCommands:
             self._data_version = version     # nothing new until another process commits
             return
         params = json.loads(cmd.parameters or "{}")
+        command_id = cmd.command_id
         if cmd.expires_at is not None and cmd.expires_at < utcnow():
-            self.store.finish_command(cmd.command_id, False,
-                                      reason="expired before it reached the board")
+            self.record("command", lambda: self.store.finish_command(
+                command_id, False, reason="expired before it reached the board"))
             return
         try:
             line = protocol.encode_command(params.get("actuator"), params.get("state"))
         except ValueError as exc:
-            self.store.finish_command(cmd.command_id, False, reason=f"malformed: {exc}")
+            reason = f"malformed: {exc}"
+            self.record("command", lambda: self.store.finish_command(command_id, False,
+                                                                     reason=reason))
             return
         attempts = self.store.start_command(cmd.command_id)
         payload = json.loads(line)

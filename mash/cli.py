@@ -15,7 +15,7 @@ from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
 from mash.logs import setup_logging, start_process
-from mash.models import Store
+from mash.models import SchemaTooNew, Store, StoreCorrupt, StoreMissing, StoreOutdated
 from mash.models.stats import SINK_WORDS, sink_states
 from mash.tasks import notify as notifications
 
@@ -93,7 +93,7 @@ def wait_for_drain(store: Store, start_pending: int, timeout: float, out=sys.std
 
 def cmd_status(args) -> int:
     settings = Settings.load()
-    stats = status_report(settings, Store(settings.db_path))
+    stats = status_report(settings, Store(settings.db_path, readonly=True))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -161,7 +161,7 @@ def cmd_export(args) -> int:
     except ValueError as exc:
         print(f"mash export: {exc}", file=sys.stderr)
         return 2
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, readonly=True)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         n = export.export(store, out, start=start, end=end, room=args.room, fmt=args.format)
@@ -311,6 +311,13 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except (StoreMissing, StoreOutdated, SchemaTooNew) as exc:   # status, export: read-only
+        print(exc, file=sys.stderr)
+        return 1
+    except StoreCorrupt as exc:
+        print(f"the store cannot be read ({exc}): the reader sets a corrupt store aside "
+              "and starts a fresh one when it opens it; `mash doctor` checks it", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 import serial
+from peewee import DatabaseError
 
 from mash import protocol
 from mash.clock import ClockSource, parse_iso, utcnow
@@ -164,7 +165,12 @@ class Doctor:
             yield Check("serial reading", False, "the reader holds the port but no store exists",
                         "see the reader's log (`journalctl -u mash-reader`)")
             return
-        store = Store(db)
+        try:
+            store = Store(db, readonly=True)
+        except (DatabaseError, RuntimeError) as exc:
+            yield Check("serial reading", False, f"the reader holds the port but the store "
+                        f"cannot be read ({exc})", "see the store checks below")
+            return
         try:
             first = store.last_reading_id()
             started = time.monotonic()
@@ -237,8 +243,9 @@ class Doctor:
             yield Check("store integrity", True, f"{db}: quick_check ok")
         else:
             yield Check("store integrity", False, f"{db}: {result}",
-                        "stop the gateway, copy the file aside, and ask the MASH team; "
-                        "`sqlite3 mash.db .recover` saves what can be saved")
+                        "restart the reader (`sudo systemctl restart mash-reader`): it sets a "
+                        "corrupt store aside as mash.db.corrupt-<time> (kept) and starts a fresh "
+                        "one; `sqlite3 mash.db.corrupt-<time> .recover` saves what can be saved")
         size_mb = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 2**20
         if size_mb > s.max_db_mb:
             yield Check("store size", False, f"{size_mb:.1f} MB, over MAX_DB_MB={s.max_db_mb}",
@@ -415,11 +422,14 @@ class Doctor:
     def _processes(self) -> dict:
         if self.settings is None or not self.settings.db_path.exists():
             return {}
-        store = Store(self.settings.db_path)
         try:
-            return store.processes()
-        finally:
-            store.close()
+            store = Store(self.settings.db_path, readonly=True)
+            try:
+                return store.processes()
+            finally:
+                store.close()
+        except (DatabaseError, RuntimeError):   # corrupt, not migrated: the store checks say so
+            return {}
 
     def processes(self):
         s = self.settings
@@ -436,11 +446,17 @@ class Doctor:
                 yield Check(name, False, f"not running ({when})",
                             f"`sudo systemctl restart {unit}` (or `mash run`); its log: "
                             f"`journalctl -u {unit}`")
-        store = Store(s.db_path)
         try:
-            stats = store.get_stats()
-        finally:
-            store.close()
+            store = Store(s.db_path, readonly=True)
+            try:
+                stats = store.get_stats()
+            finally:
+                store.close()
+        except (DatabaseError, RuntimeError) as exc:
+            yield Check("last reading", False, f"the store cannot be read ({exc})",
+                        "see the store integrity check above")
+            yield from self._not_tried("backlog")
+            return
         last = stats["last_reading"]
         age = stats_age(last)
         if last is None:

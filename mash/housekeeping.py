@@ -23,8 +23,9 @@ class Housekeeping:
     AGE_OUT_EVERY = 3600.0      # one batch an hour: fewer pages rewritten than a trickle
 
     def __init__(self, settings: Settings, store, engine: AlertEngine,
-                 controller: ClimateController | None = None):
+                 controller: ClimateController | None = None, add_alerts=None):
         self.settings, self.store, self.engine = settings, store, engine
+        self.add_alerts = add_alerts or store.add_alerts    # the reader's write-or-hold path
         self.controller = controller
         self._configured = None
         self._storage_over = (store.meta_get("storage") or {}).get("over")
@@ -48,7 +49,7 @@ class Housekeeping:
             self.check_budget()
         events = self.engine.check_stale()
         if events:
-            self.store.add_alerts(events)
+            self.add_alerts(events)
             for e in events:
                 log.warning("alert %s: %s", e.state, e.message)
         self.reload_configuration()
@@ -90,11 +91,11 @@ class Housekeeping:
             message = (f"store {state['used_mb']:.0f} MB is over MAX_DB_MB={state['max_mb']:.0f} "
                        "with data not yet synced: nothing unsynced is deleted, recording goes on")
             log.error("%s", message)
-            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+            self.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
                                               state["max_mb"], "raised", message)])
         elif self._storage_over:
             log.info("store back under MAX_DB_MB (%.1f MB)", state["used_mb"])
-            self.store.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
+            self.add_alerts([AlertEvent("storage_full", "CRITICAL", None, state["used_mb"],
                                               state["max_mb"], "cleared",
                                               "store back under its budget")])
         self._storage_over = state["over"]

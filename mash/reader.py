@@ -8,6 +8,7 @@ through SQLite. Its periodic chores are in ``mash.housekeeping``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -17,9 +18,10 @@ from collections import deque
 
 import serial
 from peewee import DatabaseError
+from serial import SerialException
 from serial.tools import list_ports
 
-from mash import protocol
+from mash import protocol, sdnotify
 from mash.alerts import AlertEngine
 from mash.board import BoardCommands
 from mash.chamber import Chamber
@@ -63,7 +65,7 @@ class Reader:
     KEEPALIVE_EVERY = 15.0
     SILENCE = 30.0
     RECONNECT_MAX = 2.0
-    UNSTORED_MAX = 50_000
+    UNSTORED_MAX = 50_000   # held writes (reading lines and the rest): days at the board's rate
     BEAT_EVERY = 60.0       # s between heartbeat rows (mash status, mash doctor)
 
     def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
@@ -77,20 +79,29 @@ class Reader:
                                             override_s=settings.override_minutes * 60,
                                             stale_after=settings.stale_after, clock=clock,
                                             wallclock=wallclock)
-        self.housekeeping = Housekeeping(settings, self.store, self.engine, self.controller)
+        self.housekeeping = Housekeeping(settings, self.store, self.engine, self.controller,
+                                         add_alerts=self._keep_alerts)
         self.bad = OncePerKind(log, "bad line from board")
         self.bad_counts: dict[str, int] = {}
         self.climate = ClimateLoop(self.controller, self.store)
         self.board = BoardCommands(self.store, self._count_bad, on_settled=self.climate.settled,
-                                   restorable=self.climate.restorable)
+                                   restorable=self.climate.restorable, record=self._keep,
+                                   holding=lambda: self.held_kinds.get("command", 0) > 0)
         self.climate.board = self.board
         self.timekeeper = Timekeeper(self.store, clock_source or ClockSource(
             trust=settings.clock_sync == "trust"))
         self.stored_rows = 0
         self.connected_port: str | None = None
         self.connections = 0
-        self.unstored: deque = deque(maxlen=self.UNSTORED_MAX)
+        # every write not yet in the store, oldest first: (kind, write(), alert events)
+        self.unstored: deque = deque()
+        self.held_kinds: dict[str, int] = {}
+        self.dropped = 0              # held writes dropped at UNSTORED_MAX (counted, logged)
+        self._dropped_recorded = 0
         self.store_error: str | None = None
+        self.clean_stop = False
+        self.watchdog = sdnotify.Watchdog()
+        self._failed_kinds: set[str] = set()
         self._sim = None
         # a simulated board (ours, or the one `mash run` passed): its readings are marked,
         # and kept from every sink unless SIM_SYNC=1
@@ -119,8 +130,10 @@ class Reader:
     def run(self) -> None:
         """Open the board, read until it goes away, reopen: forever, until stopped."""
         delay, last_problem = 0.25, None
+        sdnotify.ready()
         try:
             while not self.stop_event.is_set():
+                self.watchdog.ping()
                 port = self._port()
                 try:
                     if not port:
@@ -133,7 +146,8 @@ class Reader:
                         log.warning("board not available: %s; retrying", problem)
                         last_problem = problem
                         self._board_changed(False, problem=problem)
-                    self.chores()
+                    with self._guard(link_open=False):
+                        self.chores()
                     self.stop_event.wait(delay)
                     delay = min(delay * 2, self.RECONNECT_MAX)
                     continue
@@ -154,12 +168,41 @@ class Reader:
                     log.warning("board lost: %s; reconnecting", why)
                     self._board_changed(False, problem=why)
         finally:
+            if self.stop_event.is_set():
+                sdnotify.stopping()
             self.flush_counts()
             self.board_state = {**self.board_state, "connected": False}
             self._beat(stopped=True)
             if self._sim:
                 self._sim.stop()
-            log.info("reader stopped")
+            if self.unstored:
+                log.error("reader stopped with %d held writes NOT written (%s): the store "
+                          "refused them (%s)", len(self.unstored),
+                          ", ".join(f"{n} {k}" for k, n in sorted(self.held_kinds.items()) if n),
+                          self.store_error)
+            else:
+                self.clean_stop = True
+                log.info("reader stopped")
+
+    @contextlib.contextmanager
+    def _guard(self, link_open: bool = True):
+        """One loop step: whatever fails in it (the store, a bug) is logged, once per kind,
+        and the loop goes on; what the step meant to write is held (``_keep``). With a link
+        open, a serial error passes: it ends the connection, which is then
+        reopened."""
+        try:
+            yield
+        except DatabaseError as exc:
+            if self.store_error is None:
+                log.error("store error (%s): the reader goes on, holding what it cannot write", exc)
+            self.store_error = str(exc)
+        except Exception as exc:               # a bug, a file error: logged with its stack, once
+            if link_open and isinstance(exc, (SerialException, OSError)):
+                raise
+            kind = f"{type(exc).__name__}:{exc}"[:200]
+            if kind not in self._failed_kinds:
+                self._failed_kinds.add(kind)
+                log.exception("reader loop step failed; going on")
 
     # -- one connection -----------------------------------------------------------------
     def _session(self, link: serial.Serial) -> str | None:
@@ -173,33 +216,33 @@ class Reader:
             # No reset_input_buffer(): what the board said while we were away (a banner
             # after a replug, readings during a restart) is real and is read, not dropped.
             while not self.stop_event.is_set():
+                self.watchdog.ping()
                 chunk = link.read(link.in_waiting or 1)
                 now = time.monotonic()
-                if chunk:
-                    buf += chunk
-                    while True:
-                        nl = buf.find(b"\n")
-                        if nl < 0:
-                            break
-                        line = bytes(buf[:nl])
-                        del buf[:nl + 1]
-                        if discarding:
-                            discarding = False
-                            continue
-                        self.last_line = now
-                        self.handle_line(line, write)
-                    if len(buf) > protocol.MAX_LINE:
-                        self._count_bad("too_long", f"more than {protocol.MAX_LINE} bytes without a newline")
-                        buf.clear()
-                        discarding = True
+                with self._guard():
+                    if chunk:
+                        buf += chunk
+                        while True:
+                            nl = buf.find(b"\n")
+                            if nl < 0:
+                                break
+                            line = bytes(buf[:nl])
+                            del buf[:nl + 1]
+                            if discarding:
+                                discarding = False
+                                continue
+                            self.last_line = now
+                            self.handle_line(line, write)
+                        if len(buf) > protocol.MAX_LINE:
+                            self._count_bad("too_long", f"more than {protocol.MAX_LINE} bytes without a newline")
+                            buf.clear()
+                            discarding = True
                 if now - self.last_line > self.SILENCE:
                     return f"no line for {self.SILENCE:.0f} s"
-                try:
+                with self._guard():                  # disk full, locked: the serial side goes on
                     self.climate.tick(write)
                     self.board.drive(write, now)
                     self.chores()
-                except DatabaseError as exc:     # disk full, locked: the serial side goes on
-                    log.debug("store busy or full: %s", exc)
                 if now - self.last_write >= self.KEEPALIVE_EVERY:
                     self._write(link, KEEPALIVE)
         except (serial.SerialException, OSError) as exc:
@@ -247,31 +290,61 @@ class Reader:
         for r in msg.rooms:
             events += self.engine.check_reading(r.room, r.temp, r.humidity, r.co2)
             self.controller.observe(r.room, r.temp, r.humidity, r.co2)
-        self.unstored.append((data, self.timekeeper.sample(), events))
-        self._flush_unstored()
+        sample = self.timekeeper.sample()
+        self._keep("reading", lambda: self._write_reading(data, sample, events), events)
         if self.stored_rows == 0 and not self.unstored:
             log.info("readings flowing: first reading stored (%s)",
                      ", ".join(f"{r.room} {r.temp:g} C {r.humidity:g} % {r.co2} ppm" for r in msg.rooms))
         self.stored_rows += len(msg.rooms)
 
-    def _flush_unstored(self) -> None:
-        """Write held readings, oldest first, each line with its alerts in one transaction.
+    def _write_reading(self, data: dict, sample, events) -> None:
+        """One reading line with its alerts (inside ``_flush_unstored``'s transaction)."""
+        ts, provisional = self.timekeeper.stamp(sample)
+        self.store.save_sensor_data(data, timestamp=ts, provisional=provisional,
+                                    simulated=self.simulated, sim_sync=self.settings.sim_sync)
+        if events:
+            self.store.add_alerts(events)
 
-        A write that fails (disk full, database locked too long) keeps the line in memory,
-        with its arrival time, and is tried again every few seconds; nothing is dropped
-        until the buffer's bound (UNSTORED_MAX lines, days at the board's rate)."""
+    def _keep(self, kind: str, write, events=()) -> None:
+        """Every write of the reader (readings, counters, board replies, alerts, heartbeats)
+        goes here: ``write()`` runs now if the store takes it, else it is held in memory,
+        in order, and tried again at the next chores. At UNSTORED_MAX held the oldest is
+        dropped, counted (``reader_dropped``) and logged."""
+        if kind == "heartbeat" and self.held_kinds.get(kind):
+            # only the latest heartbeat matters: the one held is replaced
+            self.unstored = deque(h for h in self.unstored if h[0] != kind)
+            self.held_kinds[kind] = 0
+        if len(self.unstored) >= self.UNSTORED_MAX:
+            self._flush_unstored()               # the store may take them again by now
+        if len(self.unstored) >= self.UNSTORED_MAX:
+            dropped_kind = self.unstored.popleft()[0]
+            self.held_kinds[dropped_kind] -= 1
+            if not self.dropped - self._dropped_recorded:
+                log.error("%d writes held in memory, the most it keeps: dropping the oldest "
+                          "(counted as reader_dropped) until the store takes writes again",
+                          self.UNSTORED_MAX)
+            self.dropped += 1
+        self.unstored.append((kind, write, events))
+        self.held_kinds[kind] = self.held_kinds.get(kind, 0) + 1
+        self._flush_unstored()
+
+    def _keep_alerts(self, events) -> None:
+        self._keep("alert", lambda: self.store.add_alerts(events))
+
+    def _flush_unstored(self) -> None:
+        """Write held writes, oldest first, each in one transaction (a reading line with its
+        alerts).
+
+        A write that fails (disk full, database locked too long, a corrupt file being set
+        aside) stays in memory and is tried again every few seconds; nothing is dropped
+        until the bound (UNSTORED_MAX)."""
         while self.unstored:
-            data, sample, events = self.unstored[0]
+            kind, write, events = self.unstored[0]
             cause = None
             try:
-                ts, provisional = self.timekeeper.stamp(sample)
                 with self.store.transaction():
                     try:
-                        self.store.save_sensor_data(data, timestamp=ts, provisional=provisional,
-                                                    simulated=self.simulated,
-                                                    sim_sync=self.settings.sim_sync)
-                        if events:
-                            self.store.add_alerts(events)
+                        write()
                     except DatabaseError as exc:
                         cause = exc     # on SQLITE_FULL SQLite rolls back itself, and peewee's
                         raise           # own rollback then fails with a less useful message
@@ -283,10 +356,15 @@ class Reader:
                 self.store_error = str(exc)
                 return
             self.unstored.popleft()
+            self.held_kinds[kind] -= 1
             for e in events:
                 log.info("alert %s: %s (%s)", e.state, e.message, e.severity)
+        if self.dropped > self._dropped_recorded:
+            n, self._dropped_recorded = self.dropped - self._dropped_recorded, self.dropped
+            self._keep("counter", lambda: self.store.incr("reader_dropped", n))
+            log.error("store writable again: %d held writes had been dropped", n)
         if self.store_error is not None:
-            log.info("store writable again: held readings written")
+            log.info("store writable again: held writes written")
             self.store_error = None
 
     # -- periodic -----------------------------------------------------------------------
@@ -305,11 +383,9 @@ class Reader:
         if not (force or stopped) and now < self._next_beat:
             return
         self._next_beat = now + self.BEAT_EVERY
-        try:
-            self.store.beat("reader", self.BEAT_EVERY, board=self.board_state,
-                            **({"stopped": True} if stopped else {}))
-        except DatabaseError as exc:
-            log.debug("heartbeat not written: %s", exc)
+        board, extra = self.board_state, {"stopped": True} if stopped else {}
+        self._keep("heartbeat", lambda: self.store.beat("reader", self.BEAT_EVERY, board=board,
+                                                        **extra))
 
     def chores(self) -> None:
         self._beat()
@@ -334,9 +410,11 @@ class Reader:
         if not self.bad_counts:
             return
         counts, self.bad_counts = self.bad_counts, {}
-        with self.store.transaction():
+
+        def write():
             for kind, n in counts.items():
                 self.store.incr(f"bad_line.{kind}", n)
+        self._keep("counter", write)
 
 
 def main(argv=None) -> int:
@@ -347,7 +425,7 @@ def main(argv=None) -> int:
     reader = Reader(settings)
     reader.install_signal_handlers()
     reader.run()
-    return 0
+    return 0 if reader.clean_stop else 1
 
 
 if __name__ == "__main__":

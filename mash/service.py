@@ -8,6 +8,12 @@ on SIGTERM (each service finishes what it is doing), and share the queue in
 reader gets ``dialout`` as a supplementary group, and the user is checked for it too, since
 ``mash doctor`` and ``mash simulate`` open the port as that user.
 
+Supervision (``mash.sdnotify``): ``Type=notify``, so a unit is "started" only once its process
+says READY=1 (the reader before its first port open, the worker once its context and
+scheduler run, the dashboard once it listens); ``WatchdogSec=`` with each process pinging
+from the loop whose hang matters, so a hung one is killed and restarted like a crashed one.
+``UMask=0077``: the store and its -wal/-shm are the service user's alone.
+
     mash service install --dry-run              # print the units
     sudo .venv/bin/mash service install --user pi
 """
@@ -37,6 +43,7 @@ class Unit:
     wants: str | None = None
     stop_timeout: int = 20
     serial: bool = False
+    watchdog: int = 60      # s without a ping before systemd restarts the process
 
 
 UNITS = [
@@ -64,7 +71,10 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) ->
         "StartLimitIntervalSec=0",
         "",
         "[Service]",
-        "Type=simple",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"WatchdogSec={unit.watchdog}",
+        "UMask=0077",
         f"User={user}",
         f"Group={group}",
         *([f"SupplementaryGroups={SERIAL_GROUP}"] if unit.serial else []),

@@ -29,4 +29,6 @@ if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     trap 'rm -rf "$TMPDIR"' EXIT
     set -- --basetemp="$TMPDIR/pytest" "$@"
 fi
-.venv/bin/python -m pytest -q "$@"
+# Two workers, a test file each at a time: most tests wait on real processes, brokers and
+# serial lines, so the two cores are used without a test's own timing being squeezed.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

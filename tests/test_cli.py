@@ -24,6 +24,7 @@ def test_cli_refuses_bad_config_with_one_line_and_exit_2(run_cli, env):
 
 
 def test_status_json_on_a_fresh_store(run_cli, tmp_path):
+    Store(tmp_path / "d" / "mash.db").close()          # what the reader makes at its start
     result = run_cli("status", "--json", env={"MASH_DATA_DIR": str(tmp_path / "d")})
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)

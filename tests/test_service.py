@@ -33,6 +33,9 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text
     w = worker.read_text()
     assert "After=network-online.target" in w and "Wants=network-online.target" in w
+    for unit in (reader, worker, dashboard):       # supervised: tests/test_crash_only.py
+        lines = unit.read_text().splitlines()
+        assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=60", "UMask=0077"} <= set(lines)
     checked = verify(reader, worker, dashboard)
     assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
 

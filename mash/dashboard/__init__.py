@@ -1,14 +1,15 @@
 """``mash dashboard``: the grower's page, a third process over the same store.
 
 Flask for the routes and templates (Jinja escapes everything it renders), served by waitress
-(pure Python, threads, no compiler: it runs on a Pi as it is). It reads the store and writes
-only through the paths the other processes use (``actions``). Each request is judged on its
-own: a ``Host`` that is not this machine's is refused (DNS rebinding); without a password
-only a direct request from this machine to a loopback name is served (``auth.direct_local``),
-so behind a reverse proxy the password is needed; listening beyond loopback needs one too. A
-session cookie (HttpOnly, SameSite=Strict), signed with a key that ``set-password`` rotates,
-and a CSRF token guard every POST; ten wrong passwords in a minute lock the login out for the
-rest of that minute.
+(pure Python, threads, no compiler: it runs on a Pi as it is). It reads the store through a
+read-only connection (``Store(readonly=True)``) and writes only through the paths the other
+processes use (``actions``, and its login secrets), on a writable one. Each request is judged
+on its own: a ``Host`` that is not this machine's is refused (DNS rebinding); without a
+password only a direct request from this machine to a loopback name is served
+(``auth.direct_local``), so behind a reverse proxy the password is needed; listening beyond
+loopback needs one too. A session cookie (HttpOnly, SameSite=Strict), signed with a key that
+``set-password`` rotates, and a CSRF token guard every POST; ten wrong passwords in a minute
+lock the login out for the rest of that minute.
 
     mash dashboard                      # http://127.0.0.1:8080
     mash dashboard set-password         # needed for DASHBOARD_HOST other than loopback
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import hmac
+import http.client
 import logging
 import signal
 import sys
@@ -31,6 +33,7 @@ from waitress.server import create_server
 from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
+from mash import sdnotify
 from mash.dashboard import actions, auth, charts, data
 from mash.logs import OncePerKind, start_process
 from mash.models import Store
@@ -61,8 +64,12 @@ class Drain:
                 "eta_s": round(pending / rate) if rate > 0 else None}
 
 
-def create_app(settings: Settings, store: Store | None = None) -> Flask:
+def create_app(settings: Settings, store: Store | None = None,
+               reads: Store | None = None) -> Flask:
+    """The app over ``store`` (writable: the grower's actions, the login secrets) and
+    ``reads`` (the same file read-only: every page and chart)."""
     store = store or Store(settings.db_path)
+    reads = reads or Store(store.path, readonly=True)
     app = Flask(__name__)
     app.session_interface = auth.StoreKeyedSessions(store)
     names = auth.own_names(settings.dashboard_host)
@@ -203,7 +210,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
             now = time.monotonic()
             if cache["body"] is None or (version != cache["version"] and
                                          now - cache["at"] >= STATE_CACHE_S) or now - cache["at"] >= 5:
-                snap = data.snapshot(settings, store)
+                snap = data.snapshot(settings, reads)
                 snap["cloud"]["drain"] = drain.add(snap["cloud"]["pending"])
                 cache.update(at=now, version=version, body=snap)
             return jsonify({**cache["body"], "served": iso(utcnow())})
@@ -215,9 +222,9 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         if room not in ROOMS or metric not in data.METRICS:
             return Response("no such chart", 404)
         days = 7 if request.args.get("days") == "7" else 1
-        end, points = chart_series.get(store, room, days * 24.0)
+        end, points = chart_series.get(reads, room, days * 24.0)
         label, unit, low_key, high_key = data.METRICS[metric]
-        limits = data.thresholds(settings, store).get(room, {})
+        limits = data.thresholds(settings, reads).get(room, {})
         body = charts.svg(points, metric, label, unit, limits.get(low_key) if low_key else None,
                           limits.get(high_key) if high_key else None,
                           end - dt.timedelta(days=days), end,
@@ -251,7 +258,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Flask:
         body = guarded_post()
         command_id, merged = actions.configure(settings, store, {"thresholds": body.get("thresholds")})
         log.info("dashboard: alert limits changed (%s)", command_id)
-        return jsonify(id=command_id, thresholds=data.thresholds(settings, store))
+        return jsonify(id=command_id, thresholds=data.thresholds(settings, reads))
 
     @app.post("/api/mode")
     def mode():
@@ -293,12 +300,39 @@ def serve(settings: Settings) -> int:
     # (auth.direct_local); the app never takes an address or scheme from them
     server = create_server(app, host=settings.dashboard_host, port=settings.dashboard_port,
                            threads=4, ident="mash", clear_untrusted_proxy_headers=False)
-    stop = lambda *_: server.close()               # noqa: E731
+    stopped = threading.Event()
+
+    def stop(*_):
+        stopped.set()
+        sdnotify.stopping()
+        server.close()
     signal.signal(signal.SIGTERM, stop)
     log.info("dashboard on http://%s:%s", settings.dashboard_host, server.effective_port)
+    watchdog = sdnotify.Watchdog()
+    if watchdog.enabled:
+        host = "127.0.0.1" if settings.dashboard_host in ("0.0.0.0", "") else \
+            "::1" if settings.dashboard_host == "::" else settings.dashboard_host
+        threading.Thread(target=_watch_serving, args=(watchdog, host, server.effective_port,
+                                                      stopped), name="watchdog", daemon=True).start()
+    sdnotify.ready()
     try:
         server.run()
     except (KeyboardInterrupt, OSError, ValueError):
         pass                                         # closed by the signal handler
     log.info("dashboard stopped")
     return 0
+
+
+def _watch_serving(watchdog: sdnotify.Watchdog, host: str, port: int, stopped) -> None:
+    """systemd's watchdog, pinged only when the dashboard answers a request of its own (the
+    login page): a hung server stops the pings and is restarted."""
+    while not stopped.wait(min(watchdog.every, 10.0)):
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=watchdog.every)
+            conn.request("GET", "/login")
+            ok = conn.getresponse().status < 500
+            conn.close()
+        except OSError:
+            ok = False
+        if ok:
+            watchdog.ping()

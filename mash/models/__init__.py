@@ -12,8 +12,9 @@ works on the file as it is.
 from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew
 from mash.models.schema import (ACK, ALERT, COMPLETED, FAILED, FINAL, LOCAL, MODELS, PENDING,
                                 QUEUED, REJECTED, RUNNING, SYNCED, bind_models)
-from mash.models.store import DatabaseManager, Store
+from mash.models.store import DatabaseManager, Store, StoreCorrupt, StoreMissing, StoreOutdated
 
-__all__ = ["Store", "DatabaseManager", "MODELS", "bind_models", "SCHEMA_VERSION", "SchemaTooNew",
+__all__ = ["Store", "DatabaseManager", "StoreMissing", "StoreCorrupt",
+           "StoreOutdated", "MODELS", "bind_models", "SCHEMA_VERSION", "SchemaTooNew",
            "PENDING", "SYNCED", "REJECTED", "LOCAL", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "FINAL",
            "ALERT", "ACK"]

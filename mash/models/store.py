@@ -14,59 +14,242 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from peewee import SqliteDatabase, fn
+from peewee import DatabaseError, SqliteDatabase, fn
 
 from mash import ids
 from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
 from mash.models import apps_outbox, retention, stats
-from mash.models.migrations import migrate
+from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
 from mash.models.outbox import NOTIFY_ROUTES, notify_payload, notify_sinks_for
 from mash.models.schema import LOCAL, PENDING, REJECTED, SYNCED, bind_models
 
 PAGE_SIZE = 1024
+CORRUPT = ("file is not a database", "database disk image is malformed")
+
+log = logging.getLogger("mash.store")
+
+
+class StoreMissing(FileNotFoundError):
+    """A read-only open of a store that does not exist (nothing is created)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no store at {path}: has the reader run?")
+
+
+class StoreCorrupt(DatabaseError):
+    """A read-only open of a store SQLite cannot read (the writers set it aside)."""
+
+
+class StoreOutdated(RuntimeError):
+    """A read-only open of a store not yet migrated to this gateway's schema."""
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    return any(marker in str(exc) for marker in CORRUPT)
+
+
+def _file_id(path: Path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_held = threading.local()      # lock files this thread holds (the lock is re-entrant)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, create: bool = True):
+    """``mash.db.lock``: held while a store file is created or a corrupt one set aside, so
+    of several processes finding it corrupt at once exactly one moves it."""
+    lock = path.with_name(path.name + ".lock")
+    held = _held.__dict__.setdefault("paths", set())
+    if lock in held:
+        yield
+        return
+    try:
+        fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o600)
+    except OSError:
+        if create:
+            raise
+        yield                            # a read-only opener with no lock file: nobody writes
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(lock)
+        yield
+    finally:
+        held.discard(lock)
+        os.close(fd)
+
+
+class _FileDb(SqliteDatabase):
+    """A SqliteDatabase that follows its path: when the file there is replaced (a corrupt
+    store set aside, by this process or another), each thread's next statement outside a
+    transaction reconnects to the new file (a stat() per statement: a microsecond); a
+    corrupt-file error calls ``on_corrupt``."""
+
+    def __init__(self, path: Path, on_corrupt, on_reopen, **kwargs):
+        self.file, self.on_corrupt, self.on_reopen = path, on_corrupt, on_reopen
+        super().__init__(**kwargs)
+
+    def _connect(self):
+        conn = super()._connect()
+        self._state.file_id = _file_id(self.file)
+        return conn
+
+    def cursor(self, named_cursor=None):
+        st = self._state
+        if not st.closed and not st.transactions and \
+                _file_id(self.file) != getattr(st, "file_id", None):
+            with _file_lock(self.file, create=False):    # until a fresh file is whole
+                self.close()
+                self.connect()
+            self.on_reopen()
+        return super().cursor(named_cursor)
+
+    def execute_sql(self, sql, params=None):
+        try:
+            return super().execute_sql(sql, params)
+        except DatabaseError as exc:
+            if is_corrupt(exc):
+                self.on_corrupt(exc, getattr(self._state, "file_id", None))
+            raise
 
 
 class Store(LedgerMixin):
-    """The guide's ``DatabaseManager``: readings in, queries out, for every process."""
+    """The guide's ``DatabaseManager``: readings in, queries out, for every process.
+
+    ``readonly``: for ``mash status`` / ``doctor`` / ``export`` and the dashboard's reads: the
+    file is opened with SQLite's ``mode=ro``, never created or migrated (``StoreMissing``,
+    ``StoreCorrupt``). A writable store that finds its file corrupt ("file is not a
+    database", "malformed", at open or at any later statement) sets it aside as
+    ``mash.db.corrupt-<UTC time>`` (with its -wal/-shm, kept, never deleted), starts a fresh
+    one (a new uid) and raises a CRITICAL ``store_corrupt`` alert in it."""
 
     SINK_REFRESH = 300.0    # seconds between rewrites of an unchanged "online" (SD-card writes)
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, readonly: bool = False):
         if path is None:             # the guide's DatabaseManager(): the configured file
             path = Settings.load().db_path
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        if readonly and not self.path.exists():
+            raise StoreMissing(self.path)
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        pragmas = [("foreign_keys", 1), ("busy_timeout", 30000), ("cache_size", -2000)]
+        if not readonly:
+            pragmas = [
+                ("page_size", PAGE_SIZE),     # only takes effect on a new file: before WAL is on
+                ("journal_mode", "wal"),
+                ("synchronous", 2),           # FULL: see the module docstring
+                *pragmas]
         # IMMEDIATE: a transaction that reads then writes takes the write lock up front, so
         # two processes never deadlock on a lock upgrade ("database is locked" at once).
-        self.db = SqliteDatabase(str(self.path), timeout=30, lock_type="IMMEDIATE", pragmas=[
-            ("page_size", PAGE_SIZE),     # only takes effect on a new file: before WAL is on
-            ("journal_mode", "wal"),
-            ("synchronous", 2),           # FULL: see the module docstring
-            ("foreign_keys", 1),
-            ("busy_timeout", 30000),
-            ("cache_size", -2000),
-        ])
+        self.db = _FileDb(self.path, self._corrupt, self._reopened,
+                          database=f"file:{self.path}?mode=ro" if readonly else str(self.path),
+                          uri=readonly, timeout=30, lock_type="IMMEDIATE", pragmas=pragmas)
         self._lock = threading.RLock()
         self.m = bind_models(self.db)
-        self.db.connect(reuse_if_open=True)
-        migrate(self.db, self.m)
         self.outbox = Outbox(self.m)
-        self.uid = self.meta_get("db_uid")
-        if not self.uid:
-            self.uid = ids.new_uid()
-            self.meta_set("db_uid", self.uid)
         self._last_fb_key: dict[str, str] = {}
         self._sink_seen: dict[str, tuple[bool, float]] = {}
+        self.uid = None
+        found = _file_id(self.path)
+        try:
+            self._open()
+        except DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise
+            if readonly:
+                raise StoreCorrupt(f"{self.path}: {exc}") from exc
+            with contextlib.suppress(DatabaseError):
+                self.db.close()
+            self._corrupt(exc, found)     # (a no-op if a statement's error already did it)
+            self._open()                  # the fresh file
+
+    def _open(self) -> None:
+        if self.readonly:
+            self.db.connect(reuse_if_open=True)
+            version = self.db.pragma("user_version")
+            if version != SCHEMA_VERSION:
+                if version > SCHEMA_VERSION:
+                    raise SchemaTooNew(f"{self.path} has schema v{version}, newer than this "
+                                       f"gateway's v{SCHEMA_VERSION}: upgrade the gateway")
+                raise StoreOutdated(f"the store at {self.path} has schema v{version}, this "
+                                    f"gateway v{SCHEMA_VERSION}: start the reader (it migrates it)")
+            self.uid = self.meta_get("db_uid")
+            return
+        with _file_lock(self.path):          # one process creates or migrates a file
+            self.db.connect(reuse_if_open=True)
+            migrate(self.db, self.m)
+            self.uid = self.meta_get("db_uid")
+            if not self.uid:
+                self.uid = ids.new_uid()
+                self.meta_set("db_uid", self.uid)
+
+    def _reopened(self) -> None:
+        """This thread reconnected to a new file at the path (a corrupt one was set aside)."""
+        if not self.readonly and self.db.pragma("user_version") == 0:
+            self._open()                     # removed by hand while running: start afresh
+        self.uid = self.meta_get("db_uid")
+        self._last_fb_key.clear()
+        self._sink_seen.clear()
+        log.warning("store %s replaced: now using the fresh one (uid %s)", self.path, self.uid)
+
+    def _corrupt(self, exc: Exception, file_id) -> None:
+        """SQLite said the file is corrupt: set it aside unless another process already did
+        (the file at the path is no longer the one that failed, or it reads fine now)."""
+        if self.readonly:
+            return
+        with _file_lock(self.path):
+            if _file_id(self.path) != file_id and file_id is not None:
+                return                           # set aside already: reconnect to the new one
+            try:
+                probe = SqliteDatabase(str(self.path), timeout=30)
+                ok = probe.execute_sql("PRAGMA quick_check").fetchone()[0] == "ok"
+                probe.close()
+            except DatabaseError:
+                ok = False
+            if ok:
+                log.error("store error %s, but the file reads fine: kept in place", exc)
+                return
+            stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while aside.exists():                # twice in a second: never over an earlier one
+                n += 1
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    os.replace(src, aside.with_name(aside.name + suffix))
+            log.critical("store %s is corrupt (%s): set aside as %s (kept); starting a fresh "
+                         "store", self.path, exc, aside)
+            fresh = _FreshStore(self.path)
+            try:
+                fresh.add_alerts([SimpleNamespace(
+                    event_type="store_corrupt", severity="CRITICAL", room=None, value=None,
+                    threshold=None, state="raised",
+                    message=f"the store was corrupt ({exc}): set aside as {aside.name}, kept for "
+                            "recovery; a fresh store was started")])
+            finally:
+                fresh.close()
 
     def close(self) -> None:
         """Close this thread's connection to the file."""
@@ -429,6 +612,16 @@ class Store(LedgerMixin):
     def get_stats(self) -> dict:
         """The guide's stats, derived from the store so every process reports the same."""
         return stats.collect(self)
+
+
+class _FreshStore(Store):
+    """The store that replaces a corrupt one, made under the lock its maker holds."""
+
+    def _open(self) -> None:
+        self.db.connect(reuse_if_open=True)
+        migrate(self.db, self.m)
+        self.uid = ids.new_uid()
+        self.meta_set("db_uid", self.uid)
 
 
 DatabaseManager = Store

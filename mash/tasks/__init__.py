@@ -21,8 +21,12 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
+from huey.signals import SIGNAL_COMPLETE, SIGNAL_ERROR, SIGNAL_EXECUTING, SIGNAL_RETRYING
+
+from mash import sdnotify
 from mash.config import ConfigError, Settings, environment, queue_path_from
 from mash.logs import setup_logging
 from mash.tasks import delivery, firebase_apps, intake, remote_config, status, sync
@@ -143,33 +147,66 @@ def _busy_job(job_name: str) -> bool:
     return busy(_TASK_NAMES.get(job_name, job_name), running=not job_name.startswith("deliver"))
 
 
+CONSUMER_STALL = 300.0      # s with tasks waiting and none started or finished: hung
+_last_task = time.monotonic()
+
+
+@huey.signal(SIGNAL_EXECUTING, SIGNAL_COMPLETE, SIGNAL_ERROR, SIGNAL_RETRYING)
+def _task_activity(signal, task, *args) -> None:
+    global _last_task
+    _last_task = time.monotonic()
+
+
+def consumer_alive() -> bool:
+    """The consumer still runs tasks: nothing is waiting for it, or it started or finished
+    one within CONSUMER_STALL (a long drain runs on one thread while the other takes the
+    rest). Reads the queue (in RAM)."""
+    return time.monotonic() - _last_task < CONSUMER_STALL or huey.pending_count() == 0
+
+
 def start_service(ctx: WorkerContext, live_feed: bool = True) -> WorkerService:
-    return WorkerService(ctx, periodic_jobs(), _busy_job, live_feed=live_feed).start()
+    return WorkerService(ctx, periodic_jobs(), _busy_job, live_feed=live_feed,
+                         consumer_alive=consumer_alive).start()
 
 
 @huey.on_startup()
 def _worker_started() -> None:
     """Runs in each consumer thread: once per process, flush the task locks a power cut or
     ``kill -9`` left behind (so a bare ``huey_consumer mash.tasks.huey`` recovers too) and,
-    in a worker process, build the context and start the service."""
+    in a worker process, build the context and start the service, then tell systemd it is
+    up. Huey only logs an exception from this hook and runs on, scheduling nothing: a
+    start-up that fails (the store cannot be opened, a client cannot be built) ends the
+    process here instead, with one line and exit code 1 (2 for a bad setting)."""
     global _locks_flushed, _service, _context
     with _lifecycle:
         if _locks_flushed:
             return
         _locks_flushed = True
-        flushed = huey.flush_locks()
-        if flushed:
-            log.warning("cleared task locks left by an unclean stop: %s", ", ".join(sorted(flushed)))
-        if _context is not None:          # the sync manager brought its own context
-            return
         try:
-            settings = Settings.load()
-        except ConfigError as exc:        # a bare huey_consumer: one line, exit code 2
-            print(exc, file=sys.stderr, flush=True)
-            os._exit(2)
-        setup_logging(settings.log_level)
-        _context = WorkerContext(settings)
-        _service = start_service(_context)
+            flushed = huey.flush_locks()
+            if flushed:
+                log.warning("cleared task locks left by an unclean stop: %s",
+                            ", ".join(sorted(flushed)))
+            if _context is not None:          # the sync manager brought its own context
+                return
+            try:
+                settings = Settings.load()
+            except ConfigError as exc:        # a bare huey_consumer: one line, exit code 2
+                print(exc, file=sys.stderr, flush=True)
+                os._exit(2)
+            setup_logging(settings.log_level)
+            _context = WorkerContext(settings)
+            _service = start_service(_context)
+        except Exception as exc:
+            log.debug("worker start-up failed", exc_info=True)
+            if logging.getLogger().handlers:
+                log.critical("worker cannot start: %s: %s", type(exc).__name__, exc)
+            else:                             # before logging is set up
+                print(f"worker cannot start: {type(exc).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
+            logging.shutdown()
+            os._exit(1)
+        sdnotify.ready()
 
 
 @huey.on_shutdown()
@@ -178,6 +215,7 @@ def _worker_stopping() -> None:
     with _lifecycle:
         service, _service = _service, None
     if service is not None:
+        sdnotify.stopping()
         service.stop()
 
 

@@ -36,9 +36,10 @@ class Periodic:
 class IntervalScheduler(BackgroundLoop):
     thread_name = "scheduler"
 
-    def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool]):
+    def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool], on_tick=None):
         super().__init__()
         self.ctx, self.jobs, self.busy = ctx, jobs, busy
+        self.on_tick = on_tick or (lambda: None)     # each tick: the systemd watchdog's ping
         now = time.monotonic()
         self._next = {job.name: now for job in jobs}
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
@@ -58,6 +59,7 @@ class IntervalScheduler(BackgroundLoop):
                 self.step(time.monotonic(), woken)
             except Exception:
                 log.exception("scheduler step failed")
+            self.on_tick()
             self.ctx.wakeup.wait(TICK)
             self.ctx.wakeup.clear()
 

@@ -1,9 +1,14 @@
 """The worker's long-lived parts in one process: the MQTT link and its command intake, the
-interval scheduler and the live feed, started and stopped together."""
+interval scheduler and the live feed, started and stopped together.
+
+systemd's watchdog (``WatchdogSec=``) is pinged from the scheduler's loop, and only while the
+consumer shows it still runs tasks (``consumer_alive``): a hung scheduler or a consumer whose
+threads are all stuck stops the pings, and systemd restarts the worker."""
 from __future__ import annotations
 
 import logging
 
+from mash import sdnotify
 from mash.tasks import firebase_apps
 from mash.tasks.intake import FirebaseCommandQueue, MQTTIntake
 from mash.tasks.live import FirebaseLiveFeed, LiveFeed
@@ -13,9 +18,11 @@ log = logging.getLogger("mash.worker")
 
 
 class WorkerService:
-    def __init__(self, ctx, jobs, busy, live_feed: bool = True):
+    def __init__(self, ctx, jobs, busy, live_feed: bool = True, consumer_alive=None):
         self.ctx = ctx
-        self.scheduler = IntervalScheduler(ctx, jobs, busy)
+        self.watchdog = sdnotify.Watchdog()
+        self.consumer_alive = consumer_alive or (lambda: True)
+        self.scheduler = IntervalScheduler(ctx, jobs, busy, on_tick=self._tick)
         self.intake = MQTTIntake(ctx) if ctx.mqtt is not None else None
         self.live = LiveFeed(ctx) if live_feed and ctx.mqtt is not None else None
         apps = firebase_apps.apps_on(ctx)          # the MASH apps' live values and commands
@@ -43,6 +50,10 @@ class WorkerService:
                  "on" if ctx.backend else "off", "on" if ctx.mqtt else "off",
                  "on" if ctx.firebase else "off")
         return self
+
+    def _tick(self) -> None:
+        if self.watchdog.enabled and self.consumer_alive():
+            self.watchdog.ping()
 
     def stop(self) -> None:
         if not self.started:
