@@ -234,7 +234,8 @@ class Reader:
                             self.last_line = now
                             self.handle_line(line, write)
                         if len(buf) > protocol.MAX_LINE:
-                            self._count_bad("too_long", f"more than {protocol.MAX_LINE} bytes without a newline")
+                            if not discarding:      # one count a line, however many reads it spans
+                                self._count_bad("too_long", f"more than {protocol.MAX_LINE} bytes without a newline")
                             buf.clear()
                             discarding = True
                 if now - self.last_line > self.SILENCE:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from mash import protocol
 from mash.models import Store
 from mash.reader import Reader
 from mash.simulator import SimulatedBoard
@@ -127,6 +128,20 @@ def test_a_reply_slower_than_two_seconds_is_waited_for_not_written_again(start_r
     r.store.add_command("slow-1", "set_actuator", {"actuator": "MIST_MAKER", "state": "ON"}, "mqtt")
     wait_for(lambda: r.store.command("slow-1").status == "completed", timeout=10, what="the reply")
     assert board.received.count(b'{"actuator":"MIST_MAKER","state":"ON"}') == 1
+
+
+def test_an_overlong_line_arriving_over_many_reads_is_counted_once(start_reader, board):
+    r = start_reader()
+    long_line = b"x" * (5 * protocol.MAX_LINE)
+    for k in range(0, len(long_line), protocol.MAX_LINE // 2):     # read after read, no newline
+        board.inject(long_line[k:k + protocol.MAX_LINE // 2])
+        time.sleep(0.02)
+    board.inject(b"\r\n")
+    board.emit_reading(reading(1))
+    wait_for(lambda: rows(r.store) == 2, what="the reading after the long line")
+    r.flush_counts()
+    wait_for(lambda: "bad_line.too_long" in r.store.counters(), what="the count written")
+    assert r.store.counters()["bad_line.too_long"] == 1
 
 
 def test_boot_information_lines_are_not_counted_as_bad(start_reader, board):
