@@ -164,7 +164,7 @@ def _runtime(store_path, server, batch_size=50):
 
 def bench_upload(quick: bool):
     """Upload throughput to the reference backend: batches of 500 on loopback."""
-    from mash.cloud.backend_api import BackendAPIClient
+    from mash.sinks.backend_api import BackendAPIClient
     from mash.config import Settings
     s = Scratch()
     try:
@@ -213,7 +213,7 @@ def bench_drain(quick: bool, lines: int, latency: float = 0.0, label: str = "", 
 
 def bench_mqtt_roundtrip(quick: bool):
     """QoS 1 publish -> PUBACK, and publish -> a subscriber, on loopback with TLS."""
-    from mash.cloud.mqtt_client import MQTTClient
+    from mash.sinks.mqtt_client import MQTTClient
     from mash.config import Settings
     s = Scratch()
     try:

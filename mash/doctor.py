@@ -32,10 +32,10 @@ from peewee import DatabaseError
 
 from mash import protocol
 from mash.clock import ClockSource, parse_iso, utcnow
-from mash.cloud import mqtt_client
-from mash.cloud.backend_api import BackendAPIClient
-from mash.cloud.errors import BackendError
-from mash.cloud.firebase import FirebaseError, FirebaseSync, serial_warning
+from mash.sinks import mqtt_client
+from mash.sinks.backend_api import BackendAPIClient
+from mash.sinks.errors import BackendError
+from mash.sinks.firebase import FirebaseError, FirebaseSync, serial_warning
 from mash.config import ConfigError, Settings, parse_notify_url, redact_url
 from mash.models import Store
 from mash.models.migrations import SCHEMA_VERSION

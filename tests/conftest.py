@@ -28,7 +28,7 @@ os.environ["MASH_DATA_DIR"] = _session_dir = tempfile.mkdtemp(prefix="mash-tests
 atexit.register(shutil.rmtree, _session_dir, True)
 
 from mash import tasks  # noqa: E402
-from mash.cloud.backend_api import BackendAPIClient  # noqa: E402
+from mash.sinks.backend_api import BackendAPIClient  # noqa: E402
 from mash.config import Settings, resolve_queue_dir  # noqa: E402
 from mash.models import Store  # noqa: E402
 from mash.tasks.context import WorkerContext  # noqa: E402

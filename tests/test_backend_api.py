@@ -6,8 +6,8 @@ import time
 import jwt
 import pytest
 
-from mash.cloud import errors
-from mash.cloud.backend_api import (AuthError, BadRequest, NotFound, PermanentError,
+from mash.sinks import errors
+from mash.sinks.backend_api import (AuthError, BadRequest, NotFound, PermanentError,
                                     RetryableError, TooLarge, create_backend_client, unwrap)
 from tests.services import wait_for
 
@@ -216,7 +216,7 @@ def test_sink_failures_are_classified_in_one_place(devserver, client_for):
 
 
 def test_the_error_classes_load_without_the_http_stack():
-    out = subprocess.run([sys.executable, "-c", "import sys, mash.cloud.errors; "
+    out = subprocess.run([sys.executable, "-c", "import sys, mash.sinks.errors; "
                           "print('requests' in sys.modules)"], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "False", out.stderr

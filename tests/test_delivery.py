@@ -111,7 +111,7 @@ def test_owed_items_wait_for_an_unconfigured_sink_and_go_once_it_is_configured(
 
 
 def test_a_401_keeps_every_alert_and_ack_owed_and_mqtt_still_gets_them(gateway, observer):
-    from mash.cloud.errors import AuthError
+    from mash.sinks.errors import AuthError
     from mash.tasks import delivery
     dev, store = gateway.devserver, gateway.store
     gateway.backend.login_backoff = (0.5, 2.0)

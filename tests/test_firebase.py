@@ -1,7 +1,7 @@
 """firebase-admin itself against the RTDB REST stand-in (FIREBASE_DATABASE_EMULATOR_HOST)."""
 import datetime as dt
 
-from mash.cloud.firebase import FirebaseSync, create_firebase_sync, reading_key
+from mash.sinks.firebase import FirebaseSync, create_firebase_sync, reading_key
 
 
 def fb(make_settings, rtdb, **env):

@@ -265,7 +265,7 @@ def test_the_guide_layout_owes_the_apps_nothing(apps, rtdb):
 
 
 def test_serial_pattern_is_a_warning_only(make_settings):
-    from mash.cloud.firebase import serial_warning
+    from mash.sinks.firebase import serial_warning
     assert serial_warning(SERIAL) is None
     assert "not a MASH serial" in serial_warning("rpi_gateway_001")
     assert serial_warning("MASH-B2-cal26-CE637C")

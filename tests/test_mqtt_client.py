@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mash.cloud.mqtt_client import MQTTClient, create_mqtt_client
+from mash.sinks.mqtt_client import MQTTClient, create_mqtt_client
 from tests.services import make_ca, wait_for
 
 DEVICE = "rpi_gateway_001"
@@ -103,7 +103,7 @@ def test_connects_later_when_the_broker_is_down_at_boot(tmp_path, make_settings)
 KILLED_CLIENT = """
 import sys, time
 from mash.config import Settings
-from mash.cloud.mqtt_client import MQTTClient
+from mash.sinks.mqtt_client import MQTTClient
 c = MQTTClient(Settings.from_mapping(dict(a.split("=", 1) for a in sys.argv[1:])))
 assert c.connect(10)
 print("up", flush=True)

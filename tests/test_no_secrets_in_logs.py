@@ -2,9 +2,9 @@
 import logging
 import time
 
-from mash.cloud.backend_api import BackendAPIClient
-from mash.cloud.firebase import FirebaseSync
-from mash.cloud.mqtt_client import MQTTClient
+from mash.sinks.backend_api import BackendAPIClient
+from mash.sinks.firebase import FirebaseSync
+from mash.sinks.mqtt_client import MQTTClient
 
 
 def test_debug_logs_of_a_full_session_hold_no_secret(devserver_factory, broker, rtdb, make_settings, caplog):

@@ -19,7 +19,7 @@ import requests
 from aiosmtpd.controller import Controller
 
 from mash.alerts import AlertEvent
-from mash.cloud import notify as rules
+from mash.sinks import notify as rules
 from mash.config import ConfigError, check_notify_urls, notify_sink
 from mash.tasks import delivery, notify, status
 from mash.tasks.context import WorkerContext

@@ -10,7 +10,7 @@ from huey.exceptions import RetryTask
 
 from mash import tasks
 from mash.clock import utcnow
-from mash.cloud.backend_api import RetryableError
+from mash.sinks.backend_api import RetryableError
 from mash.tasks import delivery, status, sync
 from mash.tasks.context import WorkerContext
 from mash.tasks.intake import intake, poll_commands
@@ -258,7 +258,7 @@ def test_firebase_backup_has_its_own_progress_and_never_holds_back_the_backend(g
     rtdb = RTDBStandIn().start()
     os.environ["FIREBASE_DATABASE_EMULATOR_HOST"] = rtdb.host
     try:
-        from mash.cloud.firebase import FirebaseSync
+        from mash.sinks.firebase import FirebaseSync
         gateway.firebase = FirebaseSync(gateway.settings)
         assert sync.backup_firebase(gateway) == 60
         assert sync.backup_firebase(gateway) == 0

@@ -11,9 +11,9 @@ import threading
 import time
 from collections import deque
 
-from mash.cloud.backend_api import BackendAPIClient
-from mash.cloud.firebase import FirebaseSync
-from mash.cloud.mqtt_client import MQTTClient
+from mash.sinks.backend_api import BackendAPIClient
+from mash.sinks.firebase import FirebaseSync
+from mash.sinks.mqtt_client import MQTTClient
 from mash.clock import ClockSource, from_epoch, iso
 from mash.config import Settings
 from mash.control import effective_modes

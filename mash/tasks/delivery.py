@@ -3,7 +3,7 @@
 Every item is owed once to each sink. The backend is told with a request and the item is
 marked done on its 2xx; MQTT is told with a QoS 1 publish and the item is marked done when
 the broker's PUBACK arrives (paho keeps unconfirmed messages in memory only, so SQLite is
-the durable copy). What a failure means is decided in ``mash.cloud.errors``: the backend
+the durable copy). What a failure means is decided in ``mash.sinks.errors``: the backend
 saying the item is wrong (400/413/422, a 404 for a command it never knew) is recorded, not
 retried; the sink failing (offline, rate limited, our credentials refused) leaves every item
 owed and propagates for Huey's retry, after MQTT had its turn. A sink that is not configured
@@ -20,7 +20,7 @@ import logging
 
 from huey.exceptions import TaskLockedException
 
-from mash.cloud.errors import BackendError, NotFound, PermanentError
+from mash.sinks.errors import BackendError, NotFound, PermanentError
 from mash.models import ACK, ALERT
 from mash.tasks.firebase_apps import apps_on, deliver_firebase
 from mash.tasks.notify import deliver_notifications

@@ -17,9 +17,9 @@ import threading
 import time
 
 from mash.clock import parse_iso, to_epoch
-from mash.cloud import firebase as fb
-from mash.cloud.errors import RetryableError
-from mash.cloud.firebase import FirebaseError
+from mash.sinks import firebase as fb
+from mash.sinks.errors import RetryableError
+from mash.sinks.firebase import FirebaseError
 from mash.models import aggregates, apps_outbox
 from mash.models.schema import FB_ALERT, FB_RELAY
 

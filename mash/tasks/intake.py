@@ -12,7 +12,7 @@ import logging
 import queue
 
 from mash.clock import from_epoch
-from mash.cloud.firebase import FirebaseError, QueueItemRejected, command_from_queue
+from mash.sinks.firebase import FirebaseError, QueueItemRejected, command_from_queue
 from mash.commands import Rejected, configure, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING

@@ -14,7 +14,7 @@ import logging
 from itertools import groupby
 
 from mash.clock import to_epoch
-from mash.cloud.firebase import FirebaseError, live_updates
+from mash.sinks.firebase import FirebaseError, live_updates
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.tasks.loop import BackgroundLoop

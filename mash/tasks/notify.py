@@ -25,8 +25,8 @@ import socket
 import time
 
 from mash.clock import iso, utcnow
-from mash.cloud import notify as rules
-from mash.cloud.notify import Notifier, NotifyError
+from mash.sinks import notify as rules
+from mash.sinks.notify import Notifier, NotifyError
 from mash.config import is_loopback
 from mash.models.outbox import NOTIFY_ROUTES, NOTIFY_TEST
 

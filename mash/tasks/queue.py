@@ -11,7 +11,7 @@ import logging
 from huey import SqliteHuey
 from huey.exceptions import CancelExecution, RetryTask
 
-from mash.cloud.errors import RetryableError
+from mash.sinks.errors import RetryableError
 
 log = logging.getLogger("mash.worker")
 

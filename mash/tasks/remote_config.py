@@ -18,7 +18,7 @@ import json
 import logging
 
 from mash.commands import CONFIGURABLE, Rejected, configure
-from mash.cloud.firebase import FirebaseError
+from mash.sinks.firebase import FirebaseError
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")

@@ -7,8 +7,8 @@ import logging
 
 from mash.alerts import AlertEvent
 from mash.clock import parse_iso, utcnow
-from mash.cloud.errors import PermanentError, RetryableError
-from mash.cloud.firebase import FirebaseError, status_object
+from mash.sinks.errors import PermanentError, RetryableError
+from mash.sinks.firebase import FirebaseError, status_object
 from mash.tasks.sync import backend_call, ensure_registered
 
 log = logging.getLogger("mash.worker")

@@ -2,7 +2,7 @@
 
 Each job sweeps the store and marks readings done only after the sink confirmed them, so it
 can be killed at any point and simply run again. What a failure means is decided in
-``mash.cloud.errors``: when the sink failed (offline, rate limited, our credentials refused)
+``mash.sinks.errors``: when the sink failed (offline, rate limited, our credentials refused)
 every reading stays owed and the error is raised for Huey to retry with backoff; when the
 backend says the data is wrong, only the readings it refuses are set aside (``synced = -1``,
 with its reason), so they never block what is behind.
@@ -16,9 +16,9 @@ import time
 from mash import ids
 from mash.alerts import AlertEvent
 from mash.clock import iso
-from mash.cloud.errors import (AuthError, BadRequest, NotFound, PermanentError, RetryableError,
+from mash.sinks.errors import (AuthError, BadRequest, NotFound, PermanentError, RetryableError,
                                TooLarge)
-from mash.cloud.firebase import FirebaseError
+from mash.sinks.firebase import FirebaseError
 from mash.contract import MAX_READINGS_PER_REQUEST
 
 log = logging.getLogger("mash.worker")

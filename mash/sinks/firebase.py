@@ -1,0 +1,282 @@
+"""Optional backup to Firebase Realtime Database: the guide's layout (CONTRACT §4) and the
+MASH apps' (§8), chosen by ``FIREBASE_LAYOUT`` (apps | guide | both), through one client.
+
+The apps' layout is data (``APPS_PATHS``) plus pure functions that turn our facts into its
+objects; the tasks decide when to write them. firebase-admin is imported only when ``FIREBASE_DATABASE_URL`` is set, so a gateway without
+Firebase never loads it. Keys are fixed when a reading is stored (``fb_key``), so a batch sent
+twice overwrites itself; a batch is one multi-path ``update``: one HTTP request.
+``FIREBASE_DATABASE_EMULATOR_HOST`` is honoured as firebase-admin does.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+
+import time
+
+from mash import __version__, ids
+from mash.clock import from_epoch, iso, utcnow
+from mash.sinks.errors import SinkError, kind_for_status
+from mash.config import MASH_SERIAL_RE, Settings
+from mash.contract import ACTUATORS
+
+log = logging.getLogger("mash.firebase")
+
+
+_APP_SEQ = itertools.count(1)
+
+
+class FirebaseError(SinkError):
+    """Writing to Firebase failed; worth retrying later (``kind`` from the HTTP status, when
+    there was one: ``mash.sinks.errors``). Never the readings' fault: they stay owed."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message, status)
+        self.kind = kind_for_status(status)
+
+
+# -- the MASH apps' layout (CONTRACT §8) -------------------------------------------------------
+APPS_PATHS = {
+    "status": "devices/{serial}/status",                  # every layout
+    "latest_reading": "devices/{serial}/latest_reading",
+    "live": "live_readings/{serial}/{room}",
+    "aggregate": "historical_aggregates/{serial}/{room}/{month}/{day}/{hour}",
+    "latest_actuators": "devices/{serial}/latest_actuators",
+    "actuator_log": "actuator_logs/{serial}/{key}",
+    "alert": "alerts/{serial}/{key}",
+    "notification": "notifications/{serial}/{key}",
+    "command_queue": "devices/{serial}/command_queue",
+}
+GUIDE_PATHS = {"reading": "sensor_data/{room}/{key}", "config": "devices/{serial}/config"}
+# (room, the apps' name) -> the firmware's actuator
+APPS_ACTUATORS = {
+    ("fruiting", "mist_maker"): "MIST_MAKER", ("fruiting", "humidifier_fan"): "HUMIDIFIER_FAN",
+    ("fruiting", "exhaust_fan"): "FRUITING_EXHAUST_FAN",
+    ("fruiting", "intake_fan"): "FRUITING_INTAKE_FAN", ("fruiting", "led"): "FRUITING_LED",
+    ("spawning", "exhaust_fan"): "SPAWNING_EXHAUST_FAN", ("device", "exhaust_fan"): "DEVICE_EXHAUST_FAN",
+}
+APPS_NAMES = {actuator: key for key, actuator in APPS_ACTUATORS.items()}
+assert set(APPS_NAMES) == set(ACTUATORS)
+
+
+def apps_path(what: str, serial: str, **parts) -> str:
+    return APPS_PATHS[what].format(serial=serial, **parts)
+
+
+def serial_warning(device_id: str) -> str | None:
+    """Why ``device_id`` is not a MASH serial (the apps list devices by serial), or None."""
+    if MASH_SERIAL_RE.match(device_id):
+        return None
+    return (f"DEVICE_ID {device_id!r} is not a MASH serial (MASH-{{A|B|R}}<n>-<LOC><YY>-<6 hex>, "
+            "e.g. MASH-B2-CAL26-CE637C): the MASH apps find a device by its serial")
+
+
+def time_key(ts: dt.datetime) -> str:
+    """An ISO time as a key: ``:`` and ``.`` replaced by ``-`` (CONTRACT §8)."""
+    return iso(ts).replace(":", "-").replace(".", "-")
+
+
+def live_updates(serial: str, line: dict, ts: float) -> dict:
+    """``latest_reading`` and each room's ``live_readings`` for one reading line
+    (``{room: {"temperature", "humidity", "co2"}}``, ``ts`` Unix seconds): one update."""
+    latest = apps_path("latest_reading", serial)
+    updates = {f"{latest}/timestamp": ts}
+    for room, v in line.items():       # per room: a room missing from a line keeps its last
+        updates[f"{latest}/{room}"] = {"temperature": v["temperature"], "humidity": v["humidity"],
+                                       "co2": v["co2"], "timestamp": ts}
+        updates[apps_path("live", serial, room=room)] = {
+            "current_temp": v["temperature"], "current_hum": v["humidity"],
+            "current_co2": v["co2"], "last_updated": ts}
+    return updates
+
+
+def aggregate_path(serial: str, room: str, hour: dt.datetime) -> str:
+    return apps_path("aggregate", serial, room=room, month=hour.strftime("%Y-%m"),
+                     day=hour.strftime("%d"), hour=hour.strftime("%H:00"))
+
+
+def actuators_object(states: dict, at: dt.datetime) -> dict:
+    """``latest_actuators`` from ``{ACTUATOR: "ON"|"OFF"}`` (an actuator never set is off)."""
+    obj: dict = {"timestamp": iso(at)}
+    for actuator, (room, name) in APPS_NAMES.items():
+        obj.setdefault(room, {})[name] = states.get(actuator) == "ON"
+    return obj
+
+
+def actuator_log(actuator: str, state: str, source: str, at: dt.datetime) -> dict:
+    room, name = APPS_NAMES[actuator]
+    return {"room": room, "actuator": name, "state": state,
+            "mode": "auto" if source == "auto" else "manual", "timestamp": iso(at),
+            "timestamp_unix": int(at.replace(tzinfo=dt.timezone.utc).timestamp())}
+
+
+def status_object(state: str, stats: dict) -> dict:
+    """§8's status (every layout): ``ONLINE``/``OFFLINE``/``ERROR``, ``last_update`` and the
+    metadata the dashboard shows (from the guide's stats)."""
+    board = (((stats.get("processes") or {}).get("reader") or {}).get("board") or {})
+    firmware = board.get("firmware")
+    try:
+        last_boot = iso(from_epoch(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)))
+    except (AttributeError, OSError):      # not Linux
+        last_boot = None
+    meta = {"last_boot": last_boot, "firmware_version": firmware,
+            "gateway_version": __version__, "control_mode": stats.get("mode")}
+    meta.update({k: stats[k] for k in ("pending_records", "total_synced", "last_reading",
+                                       "backend_online", "mqtt_online") if k in stats})
+    return {"status": state, "last_update": iso(utcnow()),
+            "metadata": {k: v for k, v in meta.items() if v is not None}}
+
+
+class QueueItemRejected(ValueError):
+    """A ``command_queue`` item that is no command of ours."""
+
+
+def command_from_queue(push_key: str, item) -> dict:
+    """The ledger's command for one ``command_queue`` item (§8): ``set_actuator`` for a
+    relay, ``CONFIGURE`` of every room's mode for ``set_auto_mode``. Raises
+    QueueItemRejected for anything else."""
+    cmd_id = f"fb-{push_key}"
+    if not isinstance(item, dict):
+        raise QueueItemRejected(f"not an object: {str(item)[:60]!r}")
+    if item.get("command_type") == "set_auto_mode":
+        if not isinstance(item.get("enabled"), bool):
+            raise QueueItemRejected("set_auto_mode without a boolean 'enabled'")
+        mode = "auto" if item["enabled"] else "manual"
+        return {"id": cmd_id, "command": "CONFIGURE",
+                "parameters": {"mode": {"fruiting": mode, "spawning": mode}}}
+    room, name, state = item.get("room"), item.get("actuator"), item.get("state")
+    actuator = APPS_ACTUATORS.get((str(room).lower(), str(name).lower()))
+    if actuator is None:
+        raise QueueItemRejected(f"unknown actuator {str(name)[:40]!r} in room {str(room)[:20]!r}")
+    if isinstance(state, bool):
+        word = "ON" if state else "OFF"
+    elif isinstance(state, str) and state.upper() in ("ON", "OFF"):
+        word = state.upper()
+    else:
+        raise QueueItemRejected(f"state {str(state)[:20]!r} is neither a boolean nor ON/OFF")
+    return {"id": cmd_id, "command": "set_actuator",
+            "parameters": {"actuator": actuator, "state": word}}
+
+
+def reading_key(timestamp, previous: str | None = None) -> str:
+    """The reading's key (``mash.ids.firebase_key``) from a datetime or epoch seconds."""
+    if isinstance(timestamp, (int, float)):
+        timestamp = from_epoch(timestamp)
+    return ids.firebase_key(timestamp, previous)
+
+
+class FirebaseSync:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = s = settings or Settings.load()
+        self.is_initialized = False
+        self._app = None
+        self._db = None
+        self.layout = s.firebase_layout
+        self.apps = self.layout in ("apps", "both")      # CONTRACT §8
+        self.guide = self.layout in ("guide", "both")    # CONTRACT §4
+        self.serial = s.device_id
+        if not s.firebase_enabled:
+            log.debug("Firebase not configured")
+            return
+        try:
+            import firebase_admin
+            from firebase_admin import credentials, db
+        except ImportError:
+            log.error("FIREBASE_DATABASE_URL is set but firebase-admin is not installed "
+                      "(pip install 'mash-gateway[firebase]'); Firebase backup is off")
+            return
+        try:
+            if os.path.isfile(s.firebase_credentials):
+                cred = credentials.Certificate(s.firebase_credentials)
+            elif os.environ.get("FIREBASE_DATABASE_EMULATOR_HOST"):
+                cred = credentials.ApplicationDefault()   # never consulted by the emulator path
+            else:
+                raise ValueError(f"no service-account key at {s.firebase_credentials}")
+            name = f"mash-{s.device_id}-{next(_APP_SEQ)}"     # one firebase app per instance
+            self._app = firebase_admin.initialize_app(cred, {"databaseURL": s.firebase_database_url,
+                                                             "httpTimeout": 15},
+                                                      name=name)
+            self._db = db
+            self.is_initialized = True
+            log.info("Firebase backup on (%s, layout %s)", s.firebase_database_url, self.layout)
+            if self.apps and serial_warning(s.device_id):
+                log.warning("%s", serial_warning(s.device_id))
+        except (ValueError, OSError) as exc:
+            log.error("Firebase initialization failed: %s; Firebase backup is off", exc)
+
+    def _ref(self, path: str):
+        return self._db.reference(path, app=self._app)
+
+    def _call(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as exc:    # firebase-admin raises its own, requests' and ValueError
+            status = getattr(getattr(exc, "http_response", None), "status_code", None)
+            raise FirebaseError(f"Firebase {what} failed: {exc.__class__.__name__}: {exc}",
+                                status) from exc
+
+    def update(self, updates: dict) -> None:
+        """One multi-path update (``None`` deletes that path); raises FirebaseError."""
+        if self.is_initialized and updates:
+            self._call("update", lambda: self._ref("/").update(updates))
+
+    def queue_items(self) -> dict:
+        """The apps' ``command_queue``: ``{pushKey: item}`` (raises FirebaseError)."""
+        if not self.is_initialized:
+            return {}
+        value = self._call("command_queue read", lambda: self._ref(
+            apps_path("command_queue", self.serial)).get())
+        return value if isinstance(value, dict) else {}
+
+    def delete_queue_item(self, push_key: str) -> None:
+        self._call("command_queue delete", lambda: self._ref(
+            f"{apps_path('command_queue', self.serial)}/{push_key}").delete())
+
+    def write_readings(self, readings: list[dict]) -> int:
+        """The guide's ``sensor_data``: one multi-path update for the whole batch; raises
+        FirebaseError. Nothing (0) when the layout is ``apps``."""
+        if not self.is_initialized or not self.guide:
+            return 0
+        updates, last = {}, {}
+        for r in readings:
+            key = r.get("key") or reading_key(r.get("timestamp") or dt.datetime.now(dt.timezone.utc),
+                                              last.get(r["room"]))
+            last[r["room"]] = key
+            updates[f"sensor_data/{r['room']}/{key}"] = {
+                "temperature": r.get("temperature", r.get("temp")),
+                "humidity": r.get("humidity"), "co2": r.get("co2")}
+        if updates:
+            self._call("update", lambda: self._ref("/").update(updates))
+        return len(updates)
+
+    def sync_sensor_readings(self, readings: list[dict]) -> int:
+        """The guide's call: how many readings were written (0 on failure, logged)."""
+        try:
+            return self.write_readings(readings)
+        except FirebaseError as exc:
+            log.warning("%s", exc)
+            return 0
+
+    def update_status(self, status: dict) -> None:
+        if self.is_initialized:
+            self._call("status", lambda: self._ref(f"devices/{self.settings.device_id}/status")
+                       .set(status))
+
+    def get_config(self) -> dict:
+        if not self.is_initialized:
+            return {}
+        value = self._call("config read", lambda: self._ref(
+            f"devices/{self.settings.device_id}/config").get())
+        return value if isinstance(value, dict) else {}
+
+    def close(self) -> None:
+        if self._app is not None:
+            import firebase_admin
+            firebase_admin.delete_app(self._app)
+            self._app, self.is_initialized = None, False
+
+
+def create_firebase_sync(settings: Settings | None = None) -> FirebaseSync:
+    return FirebaseSync(settings)
