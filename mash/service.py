@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mash.config import Settings
+from mash.config import Settings, env_file_path, home
 
 UNIT_DIR = Path("/etc/systemd/system")
 SERIAL_GROUP = "dialout"
@@ -61,7 +61,8 @@ def default_user() -> str:
     return os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
 
 
-def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) -> str:
+def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path,
+           env_file: Path) -> str:
     group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
     lines = [
         "[Unit]",
@@ -79,8 +80,9 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) ->
         f"Group={group}",
         *([f"SupplementaryGroups={SERIAL_GROUP}"] if unit.serial else []),
         f"WorkingDirectory={workdir}",
+        f"Environment=MASH_HOME={workdir}",
         f"Environment=MASH_DATA_DIR={data_dir}",
-        f"Environment=MASH_ENV_FILE={workdir / 'config' / '.env'}",
+        f"Environment=MASH_ENV_FILE={env_file}",
         "Environment=PYTHONUNBUFFERED=1",
         f"ExecStart={python} -m {unit.module}",
         "Restart=on-failure",
@@ -100,12 +102,16 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path) ->
 
 def units(user: str, python: str | None = None, workdir: Path | None = None,
           settings: Settings | None = None) -> dict[str, str]:
-    """``{file name: unit text}`` for this checkout."""
+    """``{file name: unit text}`` for this gateway: its ``MASH_HOME`` (``workdir``), data
+    directory and ``.env`` as every command finds them (``mash.config.home``), wherever
+    ``mash service install`` is run from."""
     settings = settings or Settings.load()
-    workdir = (workdir or Path.cwd()).resolve()
+    workdir = (workdir or home()).resolve()
     data_dir = settings.data_dir if settings.data_dir.is_absolute() else workdir / settings.data_dir
+    env_file = env_file_path() if workdir == home().resolve() else workdir / "config" / ".env"
     python = python or sys.executable
-    return {f"{u.name}.service": render(u, user, python, workdir, data_dir) for u in UNITS}
+    return {f"{u.name}.service": render(u, user, python, workdir, data_dir, env_file)
+            for u in UNITS}
 
 
 def serial_access(user: str) -> tuple[bool, str]:

@@ -1,5 +1,7 @@
 """``mash service``: the units it writes pass ``systemd-analyze verify`` (Debian's systemd),
 point at this virtual environment and data directory, and the serial user is checked."""
+import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import pytest
 
 from mash import service
+from mash.config import home
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze is not installed (Debian's systemd package)")
@@ -60,3 +63,13 @@ def test_a_user_outside_dialout_is_told_the_fix():
     assert not ok and "sudo usermod -aG dialout nobody" in why
     assert service.serial_access("root")[0]
     assert not service.serial_access("no-such-user-here")[0]
+
+
+def test_units_made_from_another_directory_point_at_the_gateways_home(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                 # not the checkout
+    monkeypatch.delenv("MASH_ENV_FILE", raising=False)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    text = service.units(user)["mash-reader.service"]
+    assert f"WorkingDirectory={home()}\n" in text and f"Environment=MASH_HOME={home()}\n" in text
+    assert f"Environment=MASH_ENV_FILE={home() / 'config' / '.env'}\n" in text
+    assert str(tmp_path) not in text
