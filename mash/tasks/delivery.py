@@ -126,9 +126,14 @@ def _to_backend(ctx) -> int:
     return done
 
 
+LOCAL_COMMAND_PREFIXES = ("auto-", "local-", "fb-")
+
+
 def _refused(marks: list, item, exc: PermanentError) -> None:
     marks.append((item.id, str(exc)[:300]))
-    if not item.ref.startswith("auto-"):    # the backend never knows those
+    # the backend never issued the controller's, the dashboard's or the apps' commands: its
+    # 404 to their acks is expected (recorded, not retried), not worth a warning each
+    if not (item.kind == ACK and item.ref.startswith(LOCAL_COMMAND_PREFIXES)):
         log.warning("backend refused the %s %s: %s", item.kind, item.ref, exc)
 
 
