@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+
+_ready = threading.Event()      # READY=1 told: watchdog pings only after it, never before
 
 
 def notify(state: str) -> bool:
@@ -30,7 +33,9 @@ def notify(state: str) -> bool:
 
 
 def ready() -> bool:
-    return notify("READY=1")
+    told = notify("READY=1")
+    _ready.set()
+    return told
 
 
 def stopping() -> bool:
@@ -54,7 +59,9 @@ class Watchdog:
         return self.every is not None
 
     def ping(self) -> None:
-        if self.every is None:
+        """A loop that runs before the process said READY (the worker's scheduler starts
+        inside its start-up) pings nothing yet: systemd hears READY first."""
+        if self.every is None or not _ready.is_set():
             return
         now = self.clock()
         if now >= self._next:
