@@ -164,13 +164,6 @@ def _oldest_owed(store, sink: str, limit: int) -> list[tuple[int, str]]:
         "LIMIT ?", (sink, limit)).fetchall()
 
 
-def _owed_sinks(store) -> list[str]:
-    """Every sink something is owed to (the backend, MQTT, Firebase's apps layout, each
-    notification URL), from the owed rows' index."""
-    return [sink for (sink,) in store.db.execute_sql(
-        "SELECT DISTINCT sink FROM outbox WHERE done_at IS NULL").fetchall()]
-
-
 def _drop_stale_owed(store, max_bytes: int, used: int, now: dt.datetime,
                      chunk: int) -> tuple[int, dict[str, int]]:
     """Delete items owed for OWED_STALE, the oldest first whichever sink is owed them, until
@@ -179,7 +172,7 @@ def _drop_stale_owed(store, max_bytes: int, used: int, now: dt.datetime,
     newest = _newest(store, "outbox", "id")
     dropped: dict[str, int] = {}
     while used > max_bytes:
-        heads = {sink: _oldest_owed(store, sink, 1) for sink in _owed_sinks(store)}
+        heads = {sink: _oldest_owed(store, sink, 1) for sink in store.outbox.owed_sinks("")}
         stale = [(rows[0][0], sink) for sink, rows in heads.items()
                  if rows and not _young(rows[0][1], cutoff, future) and rows[0][0] != newest]
         if not stale:
