@@ -128,6 +128,7 @@ class Settings:
     backend_url: str | None = None
     backend_allow_insecure: bool = False
     backend_timeout: float = 10.0
+    backend_max_rpm: int = 60          # BACKEND_MAX_RPM: requests a minute in all (mash.pacing)
     mqtt_broker: str | None = None
     mqtt_port: int = 8883
     mqtt_username: str | None = None
@@ -264,6 +265,8 @@ class Settings:
         if not 0 < backend_timeout <= 300:
             raise ConfigError("BACKEND_TIMEOUT", "must be between 0 and 300 seconds", timeout)
 
+        backend_max_rpm = integer("BACKEND_MAX_RPM", cls.backend_max_rpm, 1, 6000)
+
         qos = integer("MQTT_QOS", 1, 0, 2)
         if qos == 2:
             raise ConfigError("MQTT_QOS", "QoS 2 is refused (the guide advises against it); use 0 or 1",
@@ -341,6 +344,7 @@ class Settings:
             backend_url=backend_url,
             backend_allow_insecure=insecure,
             backend_timeout=backend_timeout,
+            backend_max_rpm=backend_max_rpm,
             mqtt_broker=mqtt_broker,
             mqtt_port=integer("MQTT_PORT", 8883, 1, 65535),
             mqtt_username=text("MQTT_USERNAME"),

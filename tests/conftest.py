@@ -14,6 +14,9 @@ os.environ["MASH_ENV_FILE"] = os.devnull
 for key in list(os.environ):
     if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_", "CONTROL_")):
         del os.environ[key]
+# The backend's request budget (BACKEND_MAX_RPM) spreads a drain over the minute; tests that
+# are not about pacing (tests/test_pacing.py) drain at once.
+os.environ["BACKEND_MAX_RPM"] = "6000"
 # The gateway's processes run with a private umask (mash.logs.UMASK); a store a test makes in
 # this process is as private, so the processes it starts find nothing to tighten.
 os.umask(0o077)
@@ -60,7 +63,7 @@ def data_dir(tmp_path):
 def make_settings(data_dir):
     def make(**env):
         base = {"MASH_DATA_DIR": str(data_dir), "DEVICE_ID": "rpi_gateway_001",
-                "CLOCK_SYNC": "trust"}
+                "CLOCK_SYNC": "trust", "BACKEND_MAX_RPM": os.environ["BACKEND_MAX_RPM"]}
         base.update({k: str(v) for k, v in env.items()})
         return Settings.from_mapping(base)
     return make

@@ -26,10 +26,14 @@ from mash import ids
 from mash.clock import BOOTTIME, from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
+from mash.pacing import BACKLOG, COMMANDS, LIVE, Pacer
 
 log = logging.getLogger("mash.backend")
 
 CONNECT_TIMEOUT = 5.0
+# A request the budget (mash.pacing) holds back this long or less waits in place; a longer
+# wait gives the turn back as RateLimited, so a Huey retry picks the work up when it is due.
+PACE_SLEEP_MAX = 3.0
 
 
 def unwrap(body):
@@ -77,7 +81,9 @@ class BackendAPIClient:
         self._refresh: str | None = None
         self._access_exp = 0.0
         self._access_life = 0.0
-        self._blocked_until = 0.0      # monotonic; set by a 429
+        # the request budget: BACKEND_MAX_RPM in all, status and commands before the backlog;
+        # a 429's Retry-After blocks it
+        self.pacer = Pacer(rpm=self.settings.backend_max_rpm)
         # A refused login (a rotated password, a locked account) blocks every request until
         # the next attempt is due: LOGIN_BACKOFF's first delay, doubled per refusal up to its
         # second. Reset by a login or refresh that succeeds.
@@ -102,7 +108,7 @@ class BackendAPIClient:
 
     @property
     def blocked_for(self) -> float:
-        return max(0.0, self._blocked_until - time.monotonic())
+        return self.pacer.blocked_for()
 
     @property
     def auth_blocked_for(self) -> float:
@@ -226,17 +232,31 @@ class BackendAPIClient:
             return False
 
     # -- transport -----------------------------------------------------------------------
+    def _pace(self, method: str, path: str, priority: int) -> None:
+        """Wait for the budget's slot for this request, or raise RateLimited with the wait."""
+        while True:
+            wait = self.pacer.acquire(path, priority)
+            if wait <= 0:
+                return
+            blocked = self.pacer.blocked_for(path)
+            if blocked > 0:
+                raise RateLimited(f"rate limited by the backend for {blocked:.1f} more s", 429,
+                                  blocked)
+            if wait > PACE_SLEEP_MAX:
+                raise RateLimited(f"{method} {path}: the request budget "
+                                  f"(BACKEND_MAX_RPM={self.settings.backend_max_rpm}) is spent "
+                                  f"for {wait:.1f} s", None, wait)
+            time.sleep(wait)
+
     def _send(self, method: str, path: str, body=None, auth: bool = True, headers=None,
-              _retried: bool = False, timeout: float | None = None):
+              _retried: bool = False, timeout: float | None = None, priority: int = LIVE):
         hdrs = dict(headers or {})
         if auth:
             self._check_auth_block()
             hdrs["Authorization"] = f"Bearer {self._ensure_token()}"
-        # Checked last, right before sending: getting a token may have waited on another
+        # Paced last, right before sending: getting a token may have waited on another
         # thread's refresh, during which a 429 may have arrived.
-        wait = self.blocked_for
-        if wait > 0:
-            raise RateLimited(f"rate limited by the backend for {wait:.1f} more s", 429, wait)
+        self._pace(method, path, priority)
         try:
             resp = self.session.request(method, self.base + path, json=body, headers=hdrs,
                                         timeout=timeout or self.timeout)
@@ -264,12 +284,12 @@ class BackendAPIClient:
                 with self._lock:
                     self._refresh_tokens()
                 return self._send(method, path, body, auth, headers, _retried=True,
-                                  timeout=timeout)
+                                  timeout=timeout, priority=priority)
             with self._lock:                 # a fresh session refused too: back off
                 raise self._refused(error) from None
         if status == 429:
             after = _retry_after(resp)
-            self._blocked_until = max(self._blocked_until, time.monotonic() + after)
+            self.pacer.retry_after(path, after)
             log.warning("backend rate limit: no requests for %.0f s", after)
             raise RateLimited(str(error), status, after)
         if isinstance(error, RetryableError) and not isinstance(error, AuthError):
@@ -310,13 +330,14 @@ class BackendAPIClient:
         """POST /sensors/data with an Idempotency-Key; ``{"accepted", "duplicates"}``."""
         result = self._send("POST", "/sensors/data",
                             {"deviceId": self.settings.device_id, "readings": readings},
-                            headers={"Idempotency-Key": key})
+                            headers={"Idempotency-Key": key}, priority=BACKLOG)
         if not isinstance(result, dict) or not isinstance(result.get("accepted"), int):
             raise RetryableError("sensor upload answer has no 'accepted' count")
         return result
 
     def fetch_commands(self) -> list[dict]:
-        data = self._send("GET", f"/devices/{self.settings.device_id}/commands")
+        data = self._send("GET", f"/devices/{self.settings.device_id}/commands",
+                          priority=COMMANDS)
         commands = data.get("commands") if isinstance(data, dict) else None
         if not isinstance(commands, list):
             raise RetryableError("commands answer has no 'commands' list")
@@ -326,7 +347,8 @@ class BackendAPIClient:
                     acknowledged_at: str | None = None) -> dict:
         return self._send("PUT", f"/devices/{self.settings.device_id}/commands/{command_id}",
                           {"status": status, "response": response or {},
-                           "acknowledgedAt": acknowledged_at or iso(utcnow())})
+                           "acknowledgedAt": acknowledged_at or iso(utcnow())},
+                          priority=COMMANDS)
 
     def trigger_alert(self, event_type: str, message: str, severity: str, room: str | None = None,
                       value: float | None = None, threshold: float | None = None,
@@ -336,7 +358,7 @@ class BackendAPIClient:
             "deviceId": self.settings.device_id,
             "data": {k: v for k, v in (("room", room), ("value", value), ("threshold", threshold))
                      if v is not None},
-            "triggeredAt": triggered_at or iso(utcnow())})
+            "triggeredAt": triggered_at or iso(utcnow())}, priority=COMMANDS)
 
     def get_configuration(self) -> dict:
         data = self._send("GET", f"/devices/{self.settings.device_id}/configuration")

@@ -16,8 +16,8 @@ import time
 from mash import ids
 from mash.alerts import AlertEvent
 from mash.clock import iso
-from mash.sinks.errors import (AuthError, BadRequest, NotFound, PermanentError, RetryableError,
-                               TooLarge)
+from mash.sinks.errors import (AuthError, BadRequest, NotFound, PermanentError, RateLimited,
+                               RetryableError, TooLarge)
 from mash.sinks.firebase import FirebaseError
 from mash.contract import MAX_READINGS_PER_REQUEST
 
@@ -186,7 +186,7 @@ def sync_readings(ctx) -> int:
                 raise                       # cannot talk now: every reading stays owed
             except RetryableError as exc:
                 failures.append(exc)
-                if exc.status == 429 or len(failures) >= 2 and failed_last:
+                if isinstance(exc, RateLimited) or len(failures) >= 2 and failed_last:
                     raise
                 failed_last = True
                 after = batch[-1].id

@@ -1,0 +1,123 @@
+"""The backend's request budget: how many requests may go now, to which URL, and whose turn.
+
+Pure logic with the clock injected; the backend client asks before every request and tells
+it every ``Retry-After``. Three limits, all over a sliding window (``WINDOW``, 60 s):
+
+- ``rpm``: requests a minute in all (``BACKEND_MAX_RPM``);
+- ``per_url``: requests a minute to any one URL, query string included (the deployed MASH
+  backend counts a guest per client IP and full URL: CONTRACT §9);
+- a ``Retry-After`` blocks what the server said it blocks: the one URL where the limit is
+  per URL, everything otherwise.
+
+The budget is spent in priority order: ``LIVE`` (status, heartbeat, registration) may use
+all of it, ``COMMANDS`` (polls, acks) all but what ``LIVE`` keeps back, ``BACKLOG`` (the
+drain) all but what both keep back. So a drain after an outage never starves the heartbeat
+or the command poll: they keep ``reserve`` requests of each window for themselves. With
+``smooth`` the backlog's requests are also spread evenly (no two closer than the window over
+its limit), so a drain is a steady trickle rather than a burst a minute.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+WINDOW = 60.0
+
+LIVE, COMMANDS, BACKLOG = 0, 1, 2
+PRIORITIES = {"live": LIVE, "commands": COMMANDS, "backlog": BACKLOG}
+
+
+class Pacer:
+    """A sliding-window request budget. Thread-safe.
+
+    ``reserve``: requests of each window kept back for ``LIVE`` and for ``COMMANDS``
+    (``(live, commands)``); lower priorities may not use them. ``None`` limits are off."""
+
+    def __init__(self, rpm: int | None = None, per_url: int | None = None,
+                 reserve: tuple[int, int] = (2, 4), window: float = WINDOW,
+                 smooth: bool = True, clock=time.monotonic):
+        for name, value in (("rpm", rpm), ("per_url", per_url)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None)")
+        self.rpm, self.per_url, self.window, self.clock = rpm, per_url, window, clock
+        self.reserve, self.smooth = reserve, smooth
+        self._last_backlog = float("-inf")
+        self._lock = threading.Lock()
+        self._all: collections.deque[float] = collections.deque()
+        self._urls: dict[str, collections.deque[float]] = {}
+        self._blocked_all = 0.0
+        self._blocked: dict[str, float] = {}
+        self.granted = 0
+        self.waited = 0.0          # s of waits handed out (for the bench)
+
+    def _limit(self, limit: int | None, priority: int) -> int | None:
+        if limit is None:
+            return None
+        live, commands = self.reserve
+        kept = {LIVE: 0, COMMANDS: live, BACKLOG: live + commands}[priority]
+        # never reserve the whole budget away: a low priority always gets one a window
+        return max(1, limit - kept)
+
+    def _expire(self, q: collections.deque, now: float) -> None:
+        while q and q[0] <= now - self.window:
+            q.popleft()
+
+    def _wait_in(self, q: collections.deque, limit: int | None, now: float) -> float:
+        if limit is None or len(q) < limit:
+            return 0.0
+        # the request that frees a slot for us: the (len - limit + 1)-th oldest
+        return q[len(q) - limit] + self.window - now
+
+    def wait_time(self, url: str, priority: int = BACKLOG) -> float:
+        """Seconds until a request of ``priority`` to ``url`` may go (0: now). Records nothing."""
+        with self._lock:
+            return self._wait(url, priority, self.clock())
+
+    def _wait(self, url: str, priority: int, now: float) -> float:
+        self._expire(self._all, now)
+        q = self._urls.get(url)
+        if q is not None:
+            self._expire(q, now)
+            if not q:
+                del self._urls[url]
+                q = None
+        waits = [self._blocked_all - now, self._blocked.get(url, 0.0) - now,
+                 self._wait_in(self._all, self._limit(self.rpm, priority), now)]
+        if q is not None:
+            waits.append(self._wait_in(q, self._limit(self.per_url, priority), now))
+        if self.smooth and priority == BACKLOG and self.rpm is not None:
+            waits.append(self._last_backlog + self.window / self._limit(self.rpm, BACKLOG) - now)
+        return max(0.0, *waits)
+
+    def acquire(self, url: str, priority: int = BACKLOG) -> float:
+        """Take a slot for ``url`` if one is free now and return 0; else return the wait (s)
+        and take nothing: the caller sleeps or gives the turn back and asks again."""
+        with self._lock:
+            now = self.clock()
+            wait = self._wait(url, priority, now)
+            if wait > 0:
+                self.waited += wait
+                return wait
+            self._all.append(now)
+            self._urls.setdefault(url, collections.deque()).append(now)
+            if priority == BACKLOG:
+                self._last_backlog = now
+            self.granted += 1
+            return 0.0
+
+    def retry_after(self, url: str, seconds: float) -> None:
+        """The server said: nothing for ``seconds``. Per URL when the limit is per URL."""
+        with self._lock:
+            until = self.clock() + max(0.0, seconds)
+            if self.per_url is not None:
+                self._blocked[url] = max(self._blocked.get(url, 0.0), until)
+            else:
+                self._blocked_all = max(self._blocked_all, until)
+
+    def blocked_for(self, url: str | None = None) -> float:
+        """Seconds a ``Retry-After`` still blocks ``url`` (or everything, for None)."""
+        with self._lock:
+            now = self.clock()
+            ends = [self._blocked_all] + ([self._blocked.get(url, 0.0)] if url else [])
+            return max(0.0, *(e - now for e in ends))
