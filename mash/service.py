@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mash import releases
 from mash.config import Settings, env_file_path, home
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -44,13 +45,17 @@ class Unit:
     stop_timeout: int = 20
     serial: bool = False
     watchdog: int = 60      # s without a ping before systemd restarts the process
+    kill_mode: str | None = None
 
 
 UNITS = [
     Unit("mash-reader", "MASH gateway serial reader (the only owner of the board's port)",
          "mash.reader", serial=True),
     Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "mash.worker",
-         after="network-online.target", wants="network-online.target", stop_timeout=25),
+         after="network-online.target", wants="network-online.target", stop_timeout=25,
+         # an update or RESTART the worker started (``mash update``, its own session) must
+         # outlive the worker it restarts: only the main process is stopped
+         kill_mode="process"),
     Unit("mash-dashboard", "MASH gateway dashboard (the grower's page)", "mash.dashboard",
          stop_timeout=10),
 ]
@@ -85,9 +90,12 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path,
         f"Environment=MASH_ENV_FILE={env_file}",
         "Environment=PYTHONUNBUFFERED=1",
         f"ExecStart={python} -m {unit.module}",
-        "Restart=on-failure",
+        "# always: `mash update` restarts a service by SIGTERM to its pid (no root needed),",
+        "# and it comes back from whatever `current` points at",
+        "Restart=always",
         "RestartSec=2",
         "KillSignal=SIGTERM",
+        *([f"KillMode={unit.kill_mode}"] if unit.kill_mode else []),
         f"TimeoutStopSec={unit.stop_timeout}",
         "# the queue (nothing durable in it) in RAM, shared by the units: no SD-card writes",
         "RuntimeDirectory=mash",
@@ -109,7 +117,7 @@ def units(user: str, python: str | None = None, workdir: Path | None = None,
     workdir = (workdir or home()).resolve()
     data_dir = settings.data_dir if settings.data_dir.is_absolute() else workdir / settings.data_dir
     env_file = env_file_path() if workdir == home().resolve() else workdir / "config" / ".env"
-    python = python or sys.executable
+    python = python or releases.python(workdir)
     return {f"{u.name}.service": render(u, user, python, workdir, data_dir, env_file)
             for u in UNITS}
 

@@ -32,7 +32,7 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     text = reader.read_text()
     assert f"ExecStart={sys.executable} -m mash.reader" in text
     assert f"Environment=MASH_DATA_DIR={data}" in text
-    assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
+    assert "Restart=always" in text and "KillSignal=SIGTERM" in text
     assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text
     w = worker.read_text()
     assert "After=network-online.target" in w and "Wants=network-online.target" in w
