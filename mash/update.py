@@ -231,10 +231,11 @@ def wait_healthy(store: Store, version: str | None, before: dict, window: float,
 
 
 # -- the release --------------------------------------------------------------------------
-def self_check(python: Path, env: dict | None = None) -> dict:
-    """Run the release's own ``mash version --check``; its JSON, or UpdateError."""
+def self_check(python: Path) -> dict:
+    """Run the release's own ``mash version --check``; its JSON, or UpdateError. (Safe path:
+    a checkout as the current directory must not shadow the release's package.)"""
     done = subprocess.run([str(python), "-m", "mash", "version", "--check"], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=120, env={**os.environ, "PYTHONSAFEPATH": "1"})
     if done.returncode != 0:
         raise UpdateError("the new release's own check failed: "
                           + (done.stderr.strip() or done.stdout.strip())[-500:])

@@ -136,7 +136,8 @@ def maintenance_command(ctx, command_id: str, command: str, params: dict, source
         with open(ctx.settings.data_dir / UPDATE_LOG, "ab") as out:
             subprocess.Popen([releases.python(home()), "-m", "mash", verb, "--command", command_id],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, env=dict(os.environ))
+                             start_new_session=True,
+                             env={**os.environ, "PYTHONSAFEPATH": "1"})
     except OSError as exc:
         store.finish_command(command_id, False, reason=f"could not start mash {verb}: {exc}")
         ctx.wake("deliver")
