@@ -10,7 +10,7 @@ The archive (``.tar.gz``, mode 0600: it holds the passwords) has:
   when it was taken.
 
 ``restore`` refuses a store that holds readings unless ``--force`` (and always while the
-reader runs), keeps the archive's uid (so reading ids go on where they stopped, never
+reader runs), drops the old card's process heartbeats, keeps the archive's uid (so reading ids go on where they stopped, never
 colliding with what the cloud has), writes the config files that are missing (``--force``
 replaces them), and ends with ``mash doctor``. ``mash backup --every 1d --keep 7 -o DIR`` keeps
 rolling backups in DIR (another disk, say).
@@ -210,6 +210,12 @@ def restore(settings: Settings, archive: Path, force: bool = False, out=sys.stde
             con.close()
         if check != "ok":
             raise BackupError(f"{archive}: its store fails quick_check ({check})")
+        con = sqlite3.connect(staged)
+        try:                 # the old card's processes are not this one's
+            with con:
+                con.execute("DELETE FROM meta WHERE key LIKE 'process.%'")
+        finally:
+            con.close()
         for suffix in ("-wal", "-shm", ""):
             side = db_path.with_name(db_path.name + suffix)
             if side.exists():

@@ -302,7 +302,11 @@ def cmd_restore(args) -> int:
     except backup.BackupError as exc:
         print(f"mash restore: refused: {exc}", file=sys.stderr)
         return 1
-    return doctor.main()
+    print("restored; `mash doctor` says:", file=sys.stderr, flush=True)
+    if doctor.main() != 0:
+        print("(the reader and worker checks pass once the services run: `mash run`, or "
+              "`sudo systemctl start mash-reader mash-worker mash-dashboard`)", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

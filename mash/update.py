@@ -203,10 +203,11 @@ def beats(store: Store) -> dict:
 
 
 def wait_healthy(store: Store, version: str | None, before: dict, window: float,
-                 poll: float = 0.25) -> tuple[bool, str]:
+                 poll: float = 0.25, judge: bool = True) -> tuple[bool, str]:
     """Within ``window`` s: both services beat again from a new process (of ``version``,
-    when given), and neither restarts afterwards (a new pid, or a stopped beat) before the
-    window ends. ``(True, "")`` or ``(False, why)``; a restart ends the wait at once."""
+    when given), and (``judge``) neither restarts afterwards (a new pid, or a stopped beat)
+    before the window ends. ``(True, "")`` or ``(False, why)``; a restart ends the wait at
+    once. Without ``judge`` it returns as soon as both are back."""
     old_pids = {name: (before.get(name) or {}).get("pid") for name in SERVICES}
     seen: dict[str, int] = {}
     deadline = time.monotonic() + window
@@ -220,6 +221,8 @@ def wait_healthy(store: Store, version: str | None, before: dict, window: float,
                                    f"(pid {seen[name]}, then {pid})")
             elif fresh and (version is None or beat.get("version") == version):
                 seen[name] = pid
+        if not judge and len(seen) == len(SERVICES):
+            return True, ""
         if time.monotonic() >= deadline:
             missing = [n for n in SERVICES if n not in seen]
             if missing:
@@ -339,21 +342,23 @@ def update(settings: Settings, source: str, sha256: str | None = None, force: bo
     restart_services(settings)
     state.failed(version, why)
     shutil.rmtree(dest, ignore_errors=True)
-    back, why_not = wait_healthy(store, old_version, after, max(settings.update_health_window, 30))
+    back, why_not = wait_healthy(store, old_version, after, max(settings.update_health_window, 60),
+                                 judge=False)
     log(f"{old_version} is running again" if back else f"{old_version}: {why_not}", out)
     return Outcome(False, old_version, f"rolled back to {old_version}: {why}",
                    time.monotonic() - t0)
 
 
 def restart(settings: Settings, out=sys.stderr) -> Outcome:
-    """``mash restart`` / ``RESTART``: the services restarted, judged back like an update's
-    (heartbeats from new processes within the window)."""
+    """``mash restart`` / ``RESTART``: the services restarted; done once both beat again
+    from new processes (failed when they have not within the window, at least 60 s)."""
     t0 = time.monotonic()
     store = Store(settings.db_path)
     before = beats(store)
     who = restart_services(settings)
     log(f"restarting the services ({who})", out)
-    ok, why = wait_healthy(store, None, before, settings.update_health_window)
+    ok, why = wait_healthy(store, None, before, max(settings.update_health_window, 60),
+                           judge=False)
     version = releases.current_version(home()) or __version__
     return Outcome(ok, version, "services restarted" if ok else why, time.monotonic() - t0)
 

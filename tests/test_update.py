@@ -183,6 +183,12 @@ def test_update_remote_bad_release_rolls_back_and_restart_is_acked_once(tmp_path
         ack = wait_for(lambda: acks("rst-1"), timeout=60, interval=0.3, what="restart ack")[0]
         assert ack["status"] == "completed" and ack["response"]["version"] == "0.1.0", ack
         assert all(farm.beats()[n]["pid"] != pid for n, pid in pids.items())
+        # the status carries the health figures (mash.health), from the release that runs
+        status = wait_for(lambda: [m for m in observer.on("/status")
+                                   if (m.get("health") or {}).get("version") == "0.1.0"],
+                          timeout=30, what="status with health")[-1]
+        assert {"uptime_s", "cpu_temp_c", "disk_used_pct", "memory_used_pct",
+                "under_voltage"} <= set(status["health"])
         # the same ids again: the ledger runs each once, and each is acked once
         observer.publish("devices/rpi_gateway_001/commands", {"id": "rst-1", "command": "RESTART"})
         time.sleep(3)
