@@ -96,3 +96,16 @@ def test_backup_while_the_reader_writes_restores_onto_a_fresh_install(tmp_path):
         finally:
             stop_process(proc, timeout=30)
     assert uid(db2) == manifest["store_uid"]
+
+
+def test_backup_every_keeps_the_newest(tmp_path, make_settings, store):
+    from mash import backup
+    store.save_sensor_data({"fruiting": {"temp": 24.0, "humidity": 88.0, "co2": 800}})
+    out = tmp_path / "other-disk"
+    out.mkdir()
+    (out / "mash-backup-20000101T000000Z.tar.gz").write_bytes(b"old")
+    backup.rolling(make_settings(), out, "1s", keep=2, rounds=2)
+    kept = sorted(p.name for p in out.iterdir())
+    assert len(kept) == 2 and "mash-backup-20000101T000000Z.tar.gz" not in kept
+    assert all(stat.S_IMODE((out / k).stat().st_mode) == 0o600 for k in kept)
+    assert backup.read_manifest(out / kept[-1])["counts"]["sensor_data"] >= 1
