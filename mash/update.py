@@ -25,6 +25,8 @@ the ledger row is finished here: completed with the version, or failed with the 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import json
@@ -282,10 +284,28 @@ def build(home_dir: Path, wheel: Path, version: str, out=sys.stderr) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def one_at_a_time(settings: Settings):
+    """One update or restart at a time on this gateway (an flock in the data directory);
+    UpdateError when another is running."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.data_dir / "update.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpdateError("another update or restart is running") from None
+        yield
+
+
 def update(settings: Settings, source: str, sha256: str | None = None, force: bool = False,
            out=sys.stderr) -> Outcome:
     """The whole update (see the module docstring). Raises UpdateError when it is refused
     before the switch; returns the Outcome of the health window otherwise."""
+    with one_at_a_time(settings):
+        return _update(settings, source, sha256, force, out)
+
+
+def _update(settings: Settings, source: str, sha256: str | None, force: bool, out) -> Outcome:
     home_dir = home()
     t0 = time.monotonic()
     if not releases.laid_out(home_dir):
@@ -327,8 +347,11 @@ def update(settings: Settings, source: str, sha256: str | None = None, force: bo
     before = beats(store)
     releases.switch(home_dir, dest)
     log(f"switched {releases.CURRENT} to {version}; restarting the services ({who})", out)
-    restart_services(settings)
-    ok, why = wait_healthy(store, version, before, settings.update_health_window)
+    try:
+        restart_services(settings)
+        ok, why = wait_healthy(store, version, before, settings.update_health_window)
+    except Exception as exc:        # whatever broke after the switch: switch back
+        ok, why = False, f"{type(exc).__name__}: {exc}"
     if ok:
         state.kept(version)
         removed = releases.prune(home_dir, state)
@@ -339,11 +362,14 @@ def update(settings: Settings, source: str, sha256: str | None = None, force: bo
     log(f"{version} is not healthy: {why}; switching back to {old_version}", out)
     after = beats(store)
     releases.switch(home_dir, old_release)
-    restart_services(settings)
     state.failed(version, why)
+    try:
+        restart_services(settings)
+        back, why_not = wait_healthy(store, old_version, after,
+                                     max(settings.update_health_window, 60), judge=False)
+    except UpdateError as exc:
+        back, why_not = False, str(exc)
     shutil.rmtree(dest, ignore_errors=True)
-    back, why_not = wait_healthy(store, old_version, after, max(settings.update_health_window, 60),
-                                 judge=False)
     log(f"{old_version} is running again" if back else f"{old_version}: {why_not}", out)
     return Outcome(False, old_version, f"rolled back to {old_version}: {why}",
                    time.monotonic() - t0)
@@ -352,6 +378,11 @@ def update(settings: Settings, source: str, sha256: str | None = None, force: bo
 def restart(settings: Settings, out=sys.stderr) -> Outcome:
     """``mash restart`` / ``RESTART``: the services restarted; done once both beat again
     from new processes (failed when they have not within the window, at least 60 s)."""
+    with one_at_a_time(settings):
+        return _restart(settings, out)
+
+
+def _restart(settings: Settings, out) -> Outcome:
     t0 = time.monotonic()
     store = Store(settings.db_path)
     before = beats(store)

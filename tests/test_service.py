@@ -73,3 +73,26 @@ def test_units_made_from_another_directory_point_at_the_gateways_home(tmp_path, 
     assert f"WorkingDirectory={home()}\n" in text and f"Environment=MASH_HOME={home()}\n" in text
     assert f"Environment=MASH_ENV_FILE={home() / 'config' / '.env'}\n" in text
     assert str(tmp_path) not in text
+
+
+def test_units_of_a_home_laid_out_as_releases_start_the_current_release(tmp_path):
+    """The units run ``<home>/current/bin/python``: an update switches the link, and a
+    restart runs the new release."""
+    from mash import releases
+    from mash.config import Settings
+    home_dir = tmp_path / "farm"
+    release = home_dir / "releases" / "0.1.0"
+    (release / "bin").mkdir(parents=True)
+    (release / "bin" / "python").symlink_to(sys.executable)
+    releases.switch(home_dir, release)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    made = service.units(user, workdir=home_dir,
+                         settings=Settings.from_mapping({"MASH_DATA_DIR": str(home_dir / "data")}))
+    python = home_dir.resolve() / "current" / "bin" / "python"
+    for name, text in made.items():
+        assert f"ExecStart={python} -m mash." in text and "Restart=always" in text
+        assert "Environment=PYTHONSAFEPATH=1" in text
+        (tmp_path / name).write_text(text)
+    assert "KillMode=process" in made["mash-worker.service"]
+    checked = verify(*(tmp_path / n for n in made))
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
