@@ -118,7 +118,8 @@ def _process_line(name: str, beat: dict | None) -> str:
     if not beat:
         return f"{name}:   never started"
     if beat["alive"]:
-        return f"{name}:   running (pid {beat['pid']}, heartbeat {beat['age_s']:.0f} s ago)"
+        version = f"version {beat['version']}, " if beat.get("version") else ""
+        return f"{name}:   running (pid {beat['pid']}, {version}heartbeat {beat['age_s']:.0f} s ago)"
     why = "stopped" if beat.get("stopped") else "not running"
     return f"{name}:   {why} (last heartbeat {beat['at']}, {beat['age_s']:.0f} s ago)"
 
