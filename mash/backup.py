@@ -116,6 +116,21 @@ def backup(settings: Settings, output: Path | None = None) -> tuple[Path, dict]:
     return output, manifest
 
 
+def backup_into(settings: Settings, directory: Path, keep: int, out=sys.stderr) -> Path:
+    """A backup into ``directory``, then only the newest ``keep`` of them kept there (what the
+    backup timer unit runs, and each round of ``--every``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path, manifest = backup(settings, directory)
+    kept = sorted(directory.glob(f"{PREFIX}*.tar.gz"))
+    for old in kept[:-keep] if keep > 0 else []:
+        old.unlink()
+    print(f"backup {path} ({path.stat().st_size} bytes, "
+          f"{manifest['counts']['sensor_data']} readings); keeping {min(keep, len(kept))}",
+          file=out, flush=True)
+    return path
+
+
 def rolling(settings: Settings, directory: Path, every: str, keep: int,
             out=sys.stderr, rounds: int | None = None) -> int:
     """A backup into ``directory`` every ``every`` (``30m``, ``6h``, ``1d``), keeping the
@@ -127,13 +142,7 @@ def rolling(settings: Settings, directory: Path, every: str, keep: int,
     directory = Path(directory)
     done = 0
     while rounds is None or done < rounds:
-        path, manifest = backup(settings, directory)
-        kept = sorted(directory.glob(f"{PREFIX}*.tar.gz"))
-        for old in kept[:-keep] if keep > 0 else []:
-            old.unlink()
-        print(f"backup {path} ({path.stat().st_size} bytes, "
-              f"{manifest['counts']['sensor_data']} readings); keeping {min(keep, len(kept))}",
-              file=out, flush=True)
+        backup_into(settings, directory, keep, out)
         done += 1
         if rounds is None or done < rounds:
             time.sleep(period)

@@ -228,13 +228,14 @@ def cmd_service(args) -> int:
     if args.action == "uninstall":
         return service.uninstall(unit_dir, stop=not args.no_start)
     user = args.user or service.default_user()
+    backups = (Path(args.backup_dir).resolve(), args.backup_keep) if args.backup_dir else None
     if args.dry_run:
-        for name, text in service.units(user).items():
+        for name, text in service.units(user, backups=backups).items():
             print(f"# {name}\n{text}")
         ok, why = service.serial_access(user)
         print(("# ✓ " if ok else "# ✗ ") + why)
         return 0
-    return service.install(user, unit_dir, start=not args.no_start)
+    return service.install(user, unit_dir, start=not args.no_start, backups=backups)
 
 
 def cmd_version(args) -> int:
@@ -286,7 +287,14 @@ def cmd_backup(args) -> int:
                 print("mash backup --every: give the directory to keep them in (-o DIR)",
                       file=sys.stderr)
                 return 2
-            return backup.rolling(settings, Path(args.output), args.every, args.keep)
+            return backup.rolling(settings, Path(args.output), args.every, args.keep or 7)
+        if args.keep is not None:
+            if not args.output:
+                print("mash backup --keep: give the directory to keep them in (-o DIR)",
+                      file=sys.stderr)
+                return 2
+            backup.backup_into(settings, Path(args.output), args.keep)
+            return 0
         path, manifest = backup.backup(settings, Path(args.output) if args.output else None)
     except backup.BackupError as exc:
         print(f"mash backup: {exc}", file=sys.stderr)
@@ -330,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("backup", help="the store, config/.env and the Firebase key in one archive")
     s.add_argument("-o", "--output", help="the archive, or a directory (default data/backups)")
     s.add_argument("--every", help="keep rolling backups in -o DIR: every 30m, 6h, 1d ...")
-    s.add_argument("--keep", type=int, default=7, help="with --every: how many to keep")
+    s.add_argument("--keep", type=int, default=None,
+                   help="into the directory -o DIR, keeping the newest N (with --every: 7)")
     s.set_defaults(func=cmd_backup)
     s = sub.add_parser("restore", help="a backup onto this install, then `mash doctor`")
     s.add_argument("archive")
@@ -395,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the units, change nothing")
     s.add_argument("--unit-dir", help=f"where the units go (default {service.UNIT_DIR})")
     s.add_argument("--no-start", action="store_true", help="write the units only (no systemctl)")
+    s.add_argument("--backup-dir", help="also a daily backup timer into this directory "
+                                        "(another disk, say)")
+    s.add_argument("--backup-keep", type=int, default=7, help="backups the timer keeps")
     s.set_defaults(func=cmd_service)
     s = sub.add_parser("status", help="the guide's sync stats")
     s.add_argument("--json", action="store_true")

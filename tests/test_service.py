@@ -96,3 +96,19 @@ def test_units_of_a_home_laid_out_as_releases_start_the_current_release(tmp_path
     assert "KillMode=process" in made["mash-worker.service"]
     checked = verify(*(tmp_path / n for n in made))
     assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+
+
+def test_backup_timer_units_verify_and_back_up_into_the_directory(run_cli, tmp_path):
+    unit_dir, backups = tmp_path / "units", tmp_path / "usb" / "mash"
+    backups.mkdir(parents=True)
+    result = run_cli("service", "install", "--unit-dir", str(unit_dir), "--no-start",
+                     "--backup-dir", str(backups), "--backup-keep", "5",
+                     env={"MASH_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    svc, timer = unit_dir / "mash-backup.service", unit_dir / "mash-backup.timer"
+    assert f"-m mash backup -o {backups} --keep 5" in svc.read_text()
+    assert {"OnCalendar=daily", "Persistent=true"} <= set(timer.read_text().splitlines())
+    checked = verify(svc, timer)
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+    assert run_cli("service", "uninstall", "--unit-dir", str(unit_dir), "--no-start").returncode == 0
+    assert not svc.exists() and not timer.exists()
