@@ -120,7 +120,8 @@ def backup_into(settings: Settings, directory: Path, keep: int, out=sys.stderr) 
     """A backup into ``directory``, then only the newest ``keep`` of them kept there (what the
     backup timer unit runs, and each round of ``--every``)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():       # an unmounted disk must not become a folder on the SD card
+        raise BackupError(f"{directory} is not a directory (is its disk mounted?)")
     path, manifest = backup(settings, directory)
     kept = sorted(directory.glob(f"{PREFIX}*.tar.gz"))
     for old in kept[:-keep] if keep > 0 else []:

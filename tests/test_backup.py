@@ -116,3 +116,11 @@ def test_backup_every_keeps_the_newest(tmp_path, make_settings, store):
     assert len(kept) == 2 and "mash-backup-20000101T000000Z.tar.gz" not in kept
     assert all(stat.S_IMODE((out / k).stat().st_mode) == 0o600 for k in kept)
     assert backup.read_manifest(out / kept[-1])["counts"]["sensor_data"] >= 1
+
+
+def test_backup_into_a_missing_directory_is_refused(tmp_path, make_settings, store):
+    from mash import backup
+    import pytest
+    with pytest.raises(backup.BackupError, match="mounted"):
+        backup.backup_into(make_settings(), tmp_path / "unmounted" / "mash", keep=7)
+    assert not (tmp_path / "unmounted").exists()
