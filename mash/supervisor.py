@@ -65,9 +65,11 @@ def configured_sinks(settings: Settings) -> list[str]:
 
 def run(settings: Settings, interval: float = 5.0, out=sys.stdout, err=sys.stderr) -> int:
     os.umask(0o077)             # the data directory it may make is private, like the store
-    # never the current directory first on sys.path: in a checkout it would shadow the
-    # release's installed package with the checkout's (python -P)
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env = dict(os.environ)
+    if releases.laid_out(home()):
+        # never the current directory first on sys.path: in a checkout it would shadow the
+        # release's installed package with the checkout's (python -P)
+        env["PYTHONSAFEPATH"] = "1"
     board = None
     wanted = settings.serial_port == "sim"
     missing = settings.serial_port is None and not find_board()
