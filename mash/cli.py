@@ -251,6 +251,11 @@ def cmd_version(args) -> int:
 
 def cmd_update(args) -> int:
     settings = Settings.load()
+    if args.recover:
+        outcome = update.recover(settings)
+        if outcome is not None:
+            print(outcome.message)
+        return 0 if outcome is None or outcome.ok else 1
     if args.command_id:
         return update.run_command(settings, args.command_id)
     if not args.source:
@@ -331,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sha256", help="the wheel's sha256 (required for a URL without a manifest)")
     s.add_argument("--force", action="store_true", help="try a version recorded bad again")
     s.add_argument("--command", dest="command_id", help=argparse.SUPPRESS)
+    s.add_argument("--recover", action="store_true",
+                   help="judge and finish an update that was interrupted (the worker runs it)")
     s.set_defaults(func=cmd_update)
     s = sub.add_parser("restart", help="restart the services and wait until they are back")
     s.add_argument("--command", dest="command_id", help=argparse.SUPPRESS)

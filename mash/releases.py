@@ -9,6 +9,7 @@ back is the whole rollback. ``releases/releases.json`` remembers which versions 
     <home>/releases/0.1.0/      (the last good one before: kept for a rollback)
     <home>/releases/0.1.1/      (bin/python, lib/..., pyvenv.cfg)
     <home>/releases/releases.json
+    <home>/releases/pending.json  (only while an update awaits its verdict)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 RELEASES = "releases"
 CURRENT = "current"
 STATE = "releases.json"
+PENDING = "pending.json"    # an update between its switch and its verdict (mash.update)
 KEEP_GOOD = 2           # the running release and the one before it
 
 

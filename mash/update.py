@@ -48,6 +48,7 @@ from mash.config import Settings, home, is_loopback
 from mash.models import COMPATIBLE_FROM, SCHEMA_VERSION, Store, StoreOutdated
 
 SERVICES = ("reader", "worker")
+PENDING = releases.PENDING
 UNITS = [f"{u.name}.service" for u in service.UNITS]
 WHEEL_RE = re.compile(r"^mash_gateway-(?P<version>[^-]+)-.*\.whl$")
 FETCH_TIMEOUT = 60
@@ -235,6 +236,12 @@ def wait_healthy(store: Store, version: str | None, before: dict, window: float,
         time.sleep(poll)
 
 
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 # -- the release --------------------------------------------------------------------------
 def self_check(python: Path) -> dict:
     """Run the release's own ``mash version --check``; its JSON, or UpdateError. (Safe path:
@@ -298,14 +305,15 @@ def one_at_a_time(settings: Settings):
 
 
 def update(settings: Settings, source: str, sha256: str | None = None, force: bool = False,
-           out=sys.stderr) -> Outcome:
+           out=sys.stderr, command_id: str | None = None) -> Outcome:
     """The whole update (see the module docstring). Raises UpdateError when it is refused
     before the switch; returns the Outcome of the health window otherwise."""
     with one_at_a_time(settings):
-        return _update(settings, source, sha256, force, out)
+        return _update(settings, source, sha256, force, out, command_id)
 
 
-def _update(settings: Settings, source: str, sha256: str | None, force: bool, out) -> Outcome:
+def _update(settings: Settings, source: str, sha256: str | None, force: bool, out,
+            command_id: str | None) -> Outcome:
     home_dir = home()
     t0 = time.monotonic()
     if not releases.laid_out(home_dir):
@@ -345,6 +353,8 @@ def _update(settings: Settings, source: str, sha256: str | None, force: bool, ou
     if not state.good:
         state.kept(old_version)          # the release installed first counts as good
     before = beats(store)
+    pending = releases.releases_dir(home_dir) / PENDING
+    _write_json(pending, {"from": old_version, "to": version, "command": command_id})
     releases.switch(home_dir, dest)
     log(f"switched {releases.CURRENT} to {version}; restarting the services ({who})", out)
     try:
@@ -352,9 +362,19 @@ def _update(settings: Settings, source: str, sha256: str | None, force: bool, ou
         ok, why = wait_healthy(store, version, before, settings.update_health_window)
     except Exception as exc:        # whatever broke after the switch: switch back
         ok, why = False, f"{type(exc).__name__}: {exc}"
+    return _judged(settings, store, home_dir, old_release, dest, ok, why, t0, out)
+
+
+def _judged(settings: Settings, store: Store, home_dir: Path, old_release: Path, dest: Path,
+            ok: bool, why: str, t0: float, out) -> Outcome:
+    """Keep ``dest`` (healthy) or switch back to ``old_release``; the pending marker goes."""
+    old_version, version = old_release.name, dest.name
+    state = releases.State(home_dir)
+    pending = releases.releases_dir(home_dir) / PENDING
     if ok:
         state.kept(version)
         removed = releases.prune(home_dir, state)
+        pending.unlink(missing_ok=True)
         log(f"{version} is healthy: kept" + (f" (removed {', '.join(removed)})" if removed else ""),
             out)
         return Outcome(True, version, f"updated {old_version} -> {version}",
@@ -369,6 +389,7 @@ def _update(settings: Settings, source: str, sha256: str | None, force: bool, ou
                                      max(settings.update_health_window, 60), judge=False)
     except UpdateError as exc:
         back, why_not = False, str(exc)
+    pending.unlink(missing_ok=True)
     shutil.rmtree(dest, ignore_errors=True)
     log(f"{old_version} is running again" if back else f"{old_version}: {why_not}", out)
     return Outcome(False, old_version, f"rolled back to {old_version}: {why}",
@@ -405,7 +426,8 @@ def run_command(settings: Settings, command_id: str, out=sys.stderr) -> int:
     try:
         if row.command == "update":
             params = json.loads(row.parameters or "{}")
-            outcome = update(settings, params["url"], params.get("sha256"), out=out)
+            outcome = update(settings, params["url"], params.get("sha256"), out=out,
+                             command_id=command_id)
             if outcome.ok and outcome.version != params.get("version"):
                 outcome = Outcome(False, outcome.version, f"installed {outcome.version}, "
                                   f"not the {params.get('version')} asked for")
@@ -422,3 +444,47 @@ def run_command(settings: Settings, command_id: str, out=sys.stderr) -> int:
     log(f"command {command_id} ({row.command}) "
         f"{'completed' if outcome.ok else 'failed'}: {outcome.message}", out)
     return 0 if outcome.ok else 1
+
+
+def interrupted(home_dir: Path) -> dict | None:
+    """The pending marker of an update stopped between its switch and its verdict (a power
+    cut, a kill), or None."""
+    try:
+        return json.loads((releases.releases_dir(home_dir) / PENDING).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recover(settings: Settings, out=sys.stderr) -> Outcome | None:
+    """Finish an interrupted update (the worker starts this at its start when the marker is
+    there): the release ``current`` points at is judged afresh over the health window, then
+    kept or switched back, and its command finished. None when there is nothing to do, or
+    the update is still running (it holds the lock)."""
+    home_dir = home()
+    try:
+        with one_at_a_time(settings):
+            pending = interrupted(home_dir)
+            if pending is None:
+                return None
+            t0 = time.monotonic()
+            rel = releases.releases_dir(home_dir)
+            old_release, dest = rel / str(pending.get("from")), rel / str(pending.get("to"))
+            log(f"the update {old_release.name} -> {dest.name} was interrupted: judging "
+                f"{releases.current_version(home_dir)} again", out)
+            store = Store(settings.db_path)
+            if releases.current_version(home_dir) != dest.name or not old_release.is_dir():
+                (rel / PENDING).unlink(missing_ok=True)
+                releases.State(home_dir).failed(dest.name, "interrupted before its verdict")
+                outcome = Outcome(False, releases.current_version(home_dir) or __version__,
+                                  f"the update to {dest.name} was interrupted")
+            else:
+                ok, why = wait_healthy(store, dest.name, {}, settings.update_health_window)
+                outcome = _judged(settings, store, home_dir, old_release, dest, ok, why, t0, out)
+            if pending.get("command"):
+                store.finish_command(pending["command"], outcome.ok,
+                                     reason=None if outcome.ok else outcome.message,
+                                     response={"version": outcome.version,
+                                               "message": outcome.message})
+            return outcome
+    except UpdateError:              # the update itself still runs: it gives the verdict
+        return None

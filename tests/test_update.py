@@ -42,7 +42,8 @@ def build_wheel(tmp: Path, version: str, reader_exits: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheels")
-    return {"good": build_wheel(tmp, "0.1.1"), "bad": build_wheel(tmp, "0.1.2", reader_exits=True)}
+    return {"good": build_wheel(tmp, "0.1.1"), "bad": build_wheel(tmp, "0.1.2", reader_exits=True),
+            "next": build_wheel(tmp, "0.1.3")}
 
 
 def sha(path: Path) -> str:
@@ -134,6 +135,25 @@ def test_update_switches_to_a_healthy_wheel_and_refuses_a_wrong_sha256(tmp_path,
         wait_for(lambda: len(farm.readings()) > n + 3, timeout=30, what="readings on 0.1.1")
         assert_each_reading_once(farm, before)
         assert releases.State(farm.home).good == ["0.1.0", "0.1.1"]
+
+        # an update killed between its switch and its verdict (a power cut): the next start
+        # of the worker judges the release afresh and keeps it; only two good ones stay
+        nxt = wheels["next"]
+        killed = subprocess.Popen([farm.python(), "-m", "mash", "update", str(nxt), "--sha256",
+                                   sha(nxt)], env=farm.env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        marker = farm.home / "releases" / releases.PENDING
+        wait_for(marker.exists, timeout=60, what="the update's switch")
+        time.sleep(0.5)
+        killed.kill()
+        killed.wait()
+        assert farm.mash("restart").returncode == 0
+        wait_for(lambda: not marker.exists(), timeout=60, what="the verdict")
+        assert releases.State(farm.home).good == ["0.1.1", "0.1.3"]
+        assert sorted(p.name for p in (farm.home / "releases").iterdir() if p.is_dir()) == \
+            ["0.1.1", "0.1.3"]
+        assert farm.mash("version").stdout.split()[0] == "0.1.3" and farm.alive("0.1.3")
+        assert_each_reading_once(farm, before)
     finally:
         farm.stop()
 

@@ -133,17 +133,37 @@ def maintenance_command(ctx, command_id: str, command: str, params: dict, source
         return "duplicate"
     verb = "update" if command == "update" else "restart"
     try:
-        with open(ctx.settings.data_dir / UPDATE_LOG, "ab") as out:
-            subprocess.Popen([releases.python(home()), "-m", "mash", verb, "--command", command_id],
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True,
-                             env={**os.environ, "PYTHONSAFEPATH": "1"})
+        start_maintenance(ctx, verb, "--command", command_id)
     except OSError as exc:
         store.finish_command(command_id, False, reason=f"could not start mash {verb}: {exc}")
         ctx.wake("deliver")
         return "failed"
     log.info("command %s from %s (%s): mash %s started", command_id, source, command, verb)
     return "queued"
+
+
+def start_maintenance(ctx, *args: str) -> None:
+    """``mash <args>`` in a session of its own (it must outlive this worker), its output
+    appended to ``<data>/update.log``. Raises OSError."""
+    with open(ctx.settings.data_dir / UPDATE_LOG, "ab") as out:
+        subprocess.Popen([releases.python(home()), "-m", "mash", *args],
+                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+
+
+def resume_interrupted_update(ctx) -> bool:
+    """At the worker's start: an update stopped between its switch and its verdict (a power
+    cut) left its marker in ``releases/``; ``mash update --recover`` judges it and finishes
+    its command (it does nothing while that update still runs). True when started."""
+    if not (releases.releases_dir(home()) / releases.PENDING).exists():
+        return False
+    try:
+        start_maintenance(ctx, "update", "--recover")
+    except OSError as exc:
+        log.warning("could not start `mash update --recover`: %s", exc)
+        return False
+    log.info("an interrupted update is judged again (mash update --recover)")
+    return True
 
 
 def poll_commands(ctx) -> int:
