@@ -292,15 +292,22 @@ def build(home_dir: Path, wheel: Path, version: str, out=sys.stderr) -> Path:
 
 
 @contextlib.contextmanager
-def one_at_a_time(settings: Settings):
-    """One update or restart at a time on this gateway (an flock in the data directory);
-    UpdateError when another is running."""
+def one_at_a_time(settings: Settings, wait: float | None = None):
+    """One update or restart at a time on this gateway (an flock in the data directory):
+    waits for the one running (``wait`` s, default the health window and two minutes more),
+    then UpdateError."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    wait = settings.update_health_window + 120 if wait is None else wait
+    deadline = time.monotonic() + wait
     with open(settings.data_dir / "update.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UpdateError("another update or restart is running") from None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise UpdateError("another update or restart is running") from None
+                time.sleep(0.5)
         yield
 
 
@@ -462,7 +469,7 @@ def recover(settings: Settings, out=sys.stderr) -> Outcome | None:
     the update is still running (it holds the lock)."""
     home_dir = home()
     try:
-        with one_at_a_time(settings):
+        with one_at_a_time(settings, wait=0):
             pending = interrupted(home_dir)
             if pending is None:
                 return None
