@@ -628,6 +628,60 @@ def bench_dashboard(quick: bool):
         s.close()
 
 
+def bench_backup(quick: bool):
+    """``mash backup`` and ``mash restore`` of a 30-day store (two rooms at 5 s): time, the
+    store's and the archive's size."""
+    from mash.models import Store
+    s = Scratch()
+    try:
+        data = s.dir / "data"
+        store = Store(data / "mash.db")
+        lines = 50_000 if quick else 518_400          # 30 days at a line per 5 s
+        add_backlog(store, lines)
+        store.close()
+        env = dict(os.environ, MASH_DATA_DIR=str(data))
+        db_mb = sum(p.stat().st_size for p in data.glob("mash.db*")) / 1e6
+        times = []
+        for i in range(3):
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "mash", "backup", "-o", str(s.dir / f"b{i}.tar.gz")],
+                           env=env, check=True, capture_output=True)
+            times.append(time.monotonic() - t0)
+        archive = s.dir / "b0.tar.gz"
+        record(f"backup of a {2 * lines:,}-reading store ({db_mb:.0f} MB)", statistics.median(times), "s")
+        record("backup archive size", archive.stat().st_size / 1e6, "MB")
+        fresh = dict(env, MASH_DATA_DIR=str(s.dir / "fresh"))
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "mash", "restore", str(archive)], env=fresh,
+                       check=True, capture_output=True)
+        record("restore of that archive onto a fresh install (with mash doctor)",
+               time.monotonic() - t0, "s")
+    finally:
+        s.close()
+
+
+def bench_update(quick: bool):
+    """``mash update`` to a healthy wheel and to one whose reader exits at start, on a real
+    ``mash run`` laid out as releases (tests/test_update.py's farm), health window 10 s:
+    time from the command to kept / rolled back."""
+    from tests.test_update import Farm, build_wheel, sha
+    s = Scratch()
+    farm = None
+    try:
+        good = build_wheel(s.dir, "0.1.1")
+        bad = build_wheel(s.dir, "0.1.2", reader_exits=True)
+        farm = Farm(s.dir, UPDATE_HEALTH_WINDOW="10", CLOCK_SYNC="trust").start()
+        for label, wheel in (("update to a healthy release", good),
+                             ("update rolled back (reader exits at start)", bad)):
+            t0 = time.monotonic()
+            farm.mash("update", str(wheel), "--sha256", sha(wheel))
+            record(f"{label}, health window 10 s", time.monotonic() - t0, "s")
+    finally:
+        if farm:
+            farm.stop()
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -644,6 +698,8 @@ BENCHES = {
     "export": bench_export,
     "doctor": bench_doctor,
     "dashboard": bench_dashboard,
+    "backup": bench_backup,
+    "update": bench_update,
 }
 
 

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from mash import dashboard, devserver, doctor, export, reader, service, simulator, supervisor, tasks, worker
-from mash.config import ConfigError, Settings, check_notify_urls
+from mash import (__version__, backup, dashboard, devserver, doctor, export, reader, releases, service,
+                  simulator, supervisor, tasks, update, worker)
+from mash.config import ConfigError, Settings, check_notify_urls, home
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
@@ -117,7 +118,8 @@ def _process_line(name: str, beat: dict | None) -> str:
     if not beat:
         return f"{name}:   never started"
     if beat["alive"]:
-        return f"{name}:   running (pid {beat['pid']}, heartbeat {beat['age_s']:.0f} s ago)"
+        version = f"version {beat['version']}, " if beat.get("version") else ""
+        return f"{name}:   running (pid {beat['pid']}, {version}heartbeat {beat['age_s']:.0f} s ago)"
     why = "stopped" if beat.get("stopped") else "not running"
     return f"{name}:   {why} (last heartbeat {beat['at']}, {beat['age_s']:.0f} s ago)"
 
@@ -226,18 +228,130 @@ def cmd_service(args) -> int:
     if args.action == "uninstall":
         return service.uninstall(unit_dir, stop=not args.no_start)
     user = args.user or service.default_user()
+    backups = (Path(args.backup_dir).resolve(), args.backup_keep) if args.backup_dir else None
     if args.dry_run:
-        for name, text in service.units(user).items():
+        for name, text in service.units(user, backups=backups).items():
             print(f"# {name}\n{text}")
         ok, why = service.serial_access(user)
         print(("# ✓ " if ok else "# ✗ ") + why)
         return 0
-    return service.install(user, unit_dir, start=not args.no_start)
+    return service.install(user, unit_dir, start=not args.no_start, backups=backups)
+
+
+def cmd_version(args) -> int:
+    """The running version; ``--check``: this release's own check, as JSON (``mash update``
+    runs it in a new release before switching to it)."""
+    if args.check:
+        print(json.dumps(update.check_here(Settings.load())))
+        return 0
+    current = releases.current_version(home())
+    print(__version__ + (f" (current: {current})" if current and current != __version__ else ""))
+    return 0
+
+
+def cmd_update(args) -> int:
+    settings = Settings.load()
+    if args.recover:
+        outcome = update.recover(settings)
+        if outcome is not None:
+            print(outcome.message)
+        return 0 if outcome is None or outcome.ok else 1
+    if args.command_id:
+        return update.run_command(settings, args.command_id)
+    if not args.source:
+        print("mash update: give a wheel (path or https URL) or a release manifest URL",
+              file=sys.stderr)
+        return 2
+    try:
+        outcome = update.update(settings, args.source, args.sha256, force=args.force)
+    except update.UpdateError as exc:
+        print(f"mash update: refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"{outcome.message} ({outcome.seconds:.1f} s)")
+    return 0 if outcome.ok else 1
+
+
+def cmd_restart(args) -> int:
+    settings = Settings.load()
+    if args.command_id:
+        return update.run_command(settings, args.command_id)
+    try:
+        outcome = update.restart(settings)
+    except update.UpdateError as exc:
+        print(f"mash restart: {exc}", file=sys.stderr)
+        return 1
+    print(f"{outcome.message} ({outcome.seconds:.1f} s)")
+    return 0 if outcome.ok else 1
+
+
+def cmd_backup(args) -> int:
+    settings = Settings.load()
+    try:
+        if args.every:
+            if not args.output:
+                print("mash backup --every: give the directory to keep them in (-o DIR)",
+                      file=sys.stderr)
+                return 2
+            return backup.rolling(settings, Path(args.output), args.every, args.keep or 7)
+        if args.keep is not None:
+            if not args.output:
+                print("mash backup --keep: give the directory to keep them in (-o DIR)",
+                      file=sys.stderr)
+                return 2
+            backup.backup_into(settings, Path(args.output), args.keep)
+            return 0
+        path, manifest = backup.backup(settings, Path(args.output) if args.output else None)
+    except backup.BackupError as exc:
+        print(f"mash backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: store {manifest['store_uid']}, schema v{manifest['schema']}, "
+          f"{manifest['counts']['sensor_data']} readings, {path.stat().st_size} bytes")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    settings = Settings.load()
+    try:
+        backup.restore(settings, Path(args.archive), force=args.force)
+    except backup.BackupError as exc:
+        print(f"mash restore: refused: {exc}", file=sys.stderr)
+        return 1
+    print("restored; `mash doctor` says:", file=sys.stderr, flush=True)
+    if doctor.main() != 0:
+        print("(the reader and worker checks pass once the services run: `mash run`, or "
+              "`sudo systemctl start mash-reader mash-worker mash-dashboard`)", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mash", description="MASH gateway")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("version", help="the running version")
+    s.add_argument("--check", action="store_true",
+                   help="this release's own check (imports, settings, store), as JSON")
+    s.set_defaults(func=cmd_version)
+    s = sub.add_parser("update", help="install a new release beside this one; keep it only if healthy")
+    s.add_argument("source", nargs="?", help="a wheel (path or https URL) or a release manifest URL")
+    s.add_argument("--sha256", help="the wheel's sha256 (required for a URL without a manifest)")
+    s.add_argument("--force", action="store_true", help="try a version recorded bad again")
+    s.add_argument("--command", dest="command_id", help=argparse.SUPPRESS)
+    s.add_argument("--recover", action="store_true",
+                   help="judge and finish an update that was interrupted (the worker runs it)")
+    s.set_defaults(func=cmd_update)
+    s = sub.add_parser("restart", help="restart the services and wait until they are back")
+    s.add_argument("--command", dest="command_id", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_restart)
+    s = sub.add_parser("backup", help="the store, config/.env and the Firebase key in one archive")
+    s.add_argument("-o", "--output", help="the archive, or a directory (default data/backups)")
+    s.add_argument("--every", help="keep rolling backups in -o DIR: every 30m, 6h, 1d ...")
+    s.add_argument("--keep", type=int, default=None,
+                   help="into the directory -o DIR, keeping the newest N (with --every: 7)")
+    s.set_defaults(func=cmd_backup)
+    s = sub.add_parser("restore", help="a backup onto this install, then `mash doctor`")
+    s.add_argument("archive")
+    s.add_argument("--force", action="store_true", help="replace a store that holds readings")
+    s.set_defaults(func=cmd_restore)
     s = sub.add_parser("run", help="reader and worker together (simulated board if none attached)")
     s.add_argument("--interval", type=float, default=5.0, help="simulated reading interval, s")
     s.set_defaults(func=cmd_run)
@@ -297,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the units, change nothing")
     s.add_argument("--unit-dir", help=f"where the units go (default {service.UNIT_DIR})")
     s.add_argument("--no-start", action="store_true", help="write the units only (no systemctl)")
+    s.add_argument("--backup-dir", help="also a daily backup timer into this directory "
+                                        "(another disk, say)")
+    s.add_argument("--backup-keep", type=int, default=7, help="backups the timer keeps")
     s.set_defaults(func=cmd_service)
     s = sub.add_parser("status", help="the guide's sync stats")
     s.add_argument("--json", action="store_true")

@@ -11,13 +11,16 @@ import datetime as dt
 
 import json
 import re
+from urllib.parse import urlsplit
 
 from mash import protocol
 from mash.clock import parse_iso, utcnow
+from mash.config import is_loopback
 from mash.contract import ROOM_MODES, ROOMS
 from mash.rules import (DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds,
                         overlay_control)
-from mash.contract import COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES
+from mash.contract import (COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES,
+                           UPDATE_PARAMETERS)
 
 INTERVAL_SETTINGS = ("sync_interval", "command_poll_interval", "heartbeat_interval")
 CONFIGURABLE = ("thresholds", "mode", "control") + INTERVAL_SETTINGS
@@ -98,7 +101,37 @@ def validate(cmd: dict, device_id: str, size: int,
         params = json.loads(line)            # normalised: upper-case, only the two keys
     elif command == "CONFIGURE":
         validate_configuration(params)
+    elif command == "update":
+        params = validate_update(params)
+    elif command == "RESTART":
+        params = {}
     return command, params, expires
+
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}")
+
+
+def validate_update(params: dict) -> dict:
+    """An ``update`` command's ``{"version", "url", "sha256"}``, normalised, or Rejected: the
+    wheel's URL over https (plain http only to a loopback host), its sha256 as 64 hex digits
+    (the updater checks the download against it before anything runs)."""
+    unknown = set(params) - set(UPDATE_PARAMETERS)
+    if unknown:
+        raise Rejected(f"malformed: unknown parameter {sorted(unknown)[0]!r} "
+                       f"(parameters: {', '.join(UPDATE_PARAMETERS)})")
+    version, url, sha = params.get("version"), params.get("url"), params.get("sha256")
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+        raise Rejected("malformed: version must be a version string like 0.2.0")
+    if not isinstance(url, str) or len(url) > 2048:
+        raise Rejected("malformed: url must be the wheel's (or a release manifest's) URL")
+    parts = urlsplit(url)
+    if not (parts.scheme == "https" and parts.hostname) and not (
+            parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname)):
+        raise Rejected("malformed: url must be https:// (plain http only on a loopback host)")
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha.lower()):
+        raise Rejected("malformed: sha256 must be 64 hex digits")
+    return {"version": version, "url": url, "sha256": sha.lower()}
 
 
 def validate_configuration(params: dict) -> None:

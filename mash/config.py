@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -80,7 +81,17 @@ def home() -> Path:
     value = os.environ.get("MASH_HOME", "").strip()
     if value:
         return Path(value).expanduser().resolve()
-    return checkout() or Path.home() / ".local" / "share" / "mash"
+    return release_home() or checkout() or Path.home() / ".local" / "share" / "mash"
+
+
+def release_home() -> Path | None:
+    """The gateway's home when this Python is one of its releases
+    (``<home>/releases/<version>``, beside ``<home>/current``, see ``mash.releases``): a
+    release installed from a wheel is no checkout, yet it serves the same home."""
+    prefix = Path(sys.prefix).resolve()
+    if prefix.parent.name == "releases" and (prefix.parent.parent / "current").is_symlink():
+        return prefix.parent.parent.resolve()
+    return None
 
 
 def in_home(value: str | os.PathLike) -> Path:
@@ -166,6 +177,7 @@ class Settings:
     notify_max_per_hour: int = 6
     notify_quiet_hours: tuple | None = None               # (start, end) minutes after midnight
     notify_quiet_critical: bool = True                     # CRITICAL still goes in quiet hours
+    update_health_window: float = 120.0   # s an update's services must stay up to be kept
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -379,6 +391,7 @@ class Settings:
             simulated_board=flag("MASH_SIMULATED_BOARD", False),
             notify_max_per_hour=integer("NOTIFY_MAX_PER_HOUR", 6, 1, 3600),
             notify_quiet_critical=flag("NOTIFY_QUIET_CRITICAL", True),
+            update_health_window=float(integer("UPDATE_HEALTH_WINDOW", 120, 1, 3600)),
             **notify,
         )
 

@@ -24,7 +24,9 @@ DEVICE_STATUSES = ("ONLINE", "OFFLINE", "MAINTENANCE", "ERROR")
 MAX_READINGS_PER_REQUEST = 1000
 
 # §3 Commands (both channels)
-COMMANDS = ("set_actuator", "REQUEST_STATUS", "force_sync", "CONFIGURE")
+COMMANDS = ("set_actuator", "REQUEST_STATUS", "force_sync", "CONFIGURE", "update", "RESTART")
+# ``update``'s parameters: the release manifest's fields (the wheel's URL and its sha256)
+UPDATE_PARAMETERS = ("version", "url", "sha256")
 MAX_COMMAND_BYTES = 4096          # larger: acknowledged failed ("oversize")
 MAX_COMMAND_ID = 100              # a usable id is a string of at most this many characters
 MAX_PARSE_BYTES = 256 * 1024      # larger payloads are not parsed whole (their id is still read)

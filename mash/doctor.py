@@ -38,7 +38,7 @@ from mash.sinks.errors import BackendError
 from mash.sinks.firebase import FirebaseError, FirebaseSync, serial_warning
 from mash.config import ConfigError, Settings, parse_notify_url, redact_url
 from mash.models import Store
-from mash.models.migrations import SCHEMA_VERSION
+from mash.models.migrations import COMPAT_KEY, SCHEMA_VERSION
 from mash.reader import find_board
 from mash.tasks.notify import send_test
 
@@ -235,10 +235,20 @@ class Doctor:
             try:
                 result = con.execute("PRAGMA quick_check").fetchone()[0]
                 version = con.execute("PRAGMA user_version").fetchone()[0]
+                try:
+                    row = con.execute("SELECT value FROM meta WHERE key = ?",
+                                      (COMPAT_KEY,)).fetchone()
+                    compat = json.loads(row[0]) if row else {}
+                except (sqlite3.Error, ValueError):
+                    compat = {}
             finally:
                 con.close()
         except sqlite3.Error as exc:
-            result, version = f"cannot read: {exc}", None
+            result, version, compat = f"cannot read: {exc}", None, {}
+        # a newer release's file this one can run on (docs/DESIGN.md, the store across versions)
+        runs_newer = (isinstance(compat, dict) and compat.get("schema") == version
+                      and isinstance(compat.get("compatible_from"), int)
+                      and compat["compatible_from"] <= SCHEMA_VERSION)
         if result == "ok":
             yield Check("store integrity", True, f"{db}: quick_check ok")
         else:
@@ -254,6 +264,9 @@ class Doctor:
             yield Check("store size", True, f"{size_mb:.1f} MB of MAX_DB_MB={s.max_db_mb}")
         if version is None:
             yield Check("store schema", None, "not read")
+        elif version > SCHEMA_VERSION and runs_newer:
+            yield Check("store schema", True, f"v{version}, a newer release's, compatible with "
+                                              f"this one's v{SCHEMA_VERSION}")
         elif version > SCHEMA_VERSION:
             yield Check("store schema", False, f"v{version}, newer than this gateway's v{SCHEMA_VERSION}",
                         "upgrade the gateway (git pull, then the README's install command)")

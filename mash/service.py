@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mash import releases
 from mash.config import Settings, env_file_path, home
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -44,13 +45,17 @@ class Unit:
     stop_timeout: int = 20
     serial: bool = False
     watchdog: int = 60      # s without a ping before systemd restarts the process
+    kill_mode: str | None = None
 
 
 UNITS = [
     Unit("mash-reader", "MASH gateway serial reader (the only owner of the board's port)",
          "mash.reader", serial=True),
     Unit("mash-worker", "MASH gateway worker (sync, MQTT, Firebase, commands)", "mash.worker",
-         after="network-online.target", wants="network-online.target", stop_timeout=25),
+         after="network-online.target", wants="network-online.target", stop_timeout=25,
+         # an update or RESTART the worker started (``mash update``, its own session) must
+         # outlive the worker it restarts: only the main process is stopped
+         kill_mode="process"),
     Unit("mash-dashboard", "MASH gateway dashboard (the grower's page)", "mash.dashboard",
          stop_timeout=10),
 ]
@@ -84,10 +89,15 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path,
         f"Environment=MASH_DATA_DIR={data_dir}",
         f"Environment=MASH_ENV_FILE={env_file}",
         "Environment=PYTHONUNBUFFERED=1",
+        "# the checkout (WorkingDirectory) must not shadow the release's installed package",
+        "Environment=PYTHONSAFEPATH=1",
         f"ExecStart={python} -m {unit.module}",
-        "Restart=on-failure",
+        "# always: `mash update` restarts a service by SIGTERM to its pid (no root needed),",
+        "# and it comes back from whatever `current` points at",
+        "Restart=always",
         "RestartSec=2",
         "KillSignal=SIGTERM",
+        *([f"KillMode={unit.kill_mode}"] if unit.kill_mode else []),
         f"TimeoutStopSec={unit.stop_timeout}",
         "# the queue (nothing durable in it) in RAM, shared by the units: no SD-card writes",
         "RuntimeDirectory=mash",
@@ -100,8 +110,54 @@ def render(unit: Unit, user: str, python: str, workdir: Path, data_dir: Path,
     return "\n".join(lines)
 
 
+BACKUP_UNIT = "mash-backup"
+
+
+def backup_units(user: str, python: str, workdir: Path, data_dir: Path, env_file: Path,
+                 directory: Path, keep: int) -> dict[str, str]:
+    """``mash-backup.service`` (one backup into ``directory``, the newest ``keep`` kept) and
+    ``mash-backup.timer`` (daily, caught up after a power cut: ``Persistent=true``)."""
+    group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    service_text = "\n".join([
+        "[Unit]",
+        "Description=MASH gateway backup (the store, config/.env, the Firebase key)",
+        f"RequiresMountsFor={directory}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "UMask=0077",
+        f"User={user}",
+        f"Group={group}",
+        f"WorkingDirectory={workdir}",
+        f"Environment=MASH_HOME={workdir}",
+        f"Environment=MASH_DATA_DIR={data_dir}",
+        f"Environment=MASH_ENV_FILE={env_file}",
+        "Environment=PYTHONSAFEPATH=1",
+        f"ExecStart={python} -m mash backup -o {directory} --keep {keep}",
+        "Nice=10",
+        "IOSchedulingClass=idle",
+        "",
+    ])
+    timer_text = "\n".join([
+        "[Unit]",
+        "Description=Daily MASH gateway backup",
+        "",
+        "[Timer]",
+        "OnCalendar=daily",
+        "RandomizedDelaySec=30min",
+        "Persistent=true",
+        f"Unit={BACKUP_UNIT}.service",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+        "",
+    ])
+    return {f"{BACKUP_UNIT}.service": service_text, f"{BACKUP_UNIT}.timer": timer_text}
+
+
 def units(user: str, python: str | None = None, workdir: Path | None = None,
-          settings: Settings | None = None) -> dict[str, str]:
+          settings: Settings | None = None,
+          backups: tuple[Path, int] | None = None) -> dict[str, str]:
     """``{file name: unit text}`` for this gateway: its ``MASH_HOME`` (``workdir``), data
     directory and ``.env`` as every command finds them (``mash.config.home``), wherever
     ``mash service install`` is run from."""
@@ -109,9 +165,12 @@ def units(user: str, python: str | None = None, workdir: Path | None = None,
     workdir = (workdir or home()).resolve()
     data_dir = settings.data_dir if settings.data_dir.is_absolute() else workdir / settings.data_dir
     env_file = env_file_path() if workdir == home().resolve() else workdir / "config" / ".env"
-    python = python or sys.executable
-    return {f"{u.name}.service": render(u, user, python, workdir, data_dir, env_file)
+    python = python or releases.python(workdir)
+    made = {f"{u.name}.service": render(u, user, python, workdir, data_dir, env_file)
             for u in UNITS}
+    if backups:
+        made.update(backup_units(user, python, workdir, data_dir, env_file, *backups))
+    return made
 
 
 def serial_access(user: str) -> tuple[bool, str]:
@@ -136,10 +195,11 @@ def in_virtualenv() -> bool:
     return sys.prefix != sys.base_prefix
 
 
-def install(user: str, unit_dir: Path = UNIT_DIR, start: bool = True, out=sys.stdout) -> int:
+def install(user: str, unit_dir: Path = UNIT_DIR, start: bool = True, out=sys.stdout,
+            backups: tuple[Path, int] | None = None) -> int:
     """Write the units, reload systemd, enable and start them; returns an exit code."""
     try:
-        rendered = units(user)
+        rendered = units(user, backups=backups)
     except KeyError:
         print(f"no user {user!r} on this machine", file=out)
         return 2
@@ -157,7 +217,8 @@ def install(user: str, unit_dir: Path = UNIT_DIR, start: bool = True, out=sys.st
         (unit_dir / name).write_text(text)
         print(f"wrote {unit_dir / name}", file=out)
     if start:
-        names = list(rendered)
+        # the backup's service runs from its timer, never at boot by itself
+        names = [n for n in rendered if n != f"{BACKUP_UNIT}.service"]
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", *names]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
@@ -169,7 +230,8 @@ def install(user: str, unit_dir: Path = UNIT_DIR, start: bool = True, out=sys.st
 
 
 def uninstall(unit_dir: Path = UNIT_DIR, stop: bool = True, out=sys.stdout) -> int:
-    names = [f"{u.name}.service" for u in UNITS]
+    names = [f"{u.name}.service" for u in UNITS] + [f"{BACKUP_UNIT}.timer",
+                                                      f"{BACKUP_UNIT}.service"]
     present = [n for n in names if (unit_dir / n).exists()]
     if not present:
         print(f"no MASH units in {unit_dir}", file=out)

@@ -6,9 +6,14 @@ pseudo-terminal and points the reader at it, marked as simulated (``MASH_SIMULAT
 so its readings stay local. With a sink configured it refuses to (exit 2) unless
 ``SERIAL_PORT=sim`` asks for the simulated board: an unplugged Arduino must not look like a
 farm sending fake readings under its real DEVICE_ID. Ctrl-C or SIGTERM stops every child cleanly
-(SIGTERM, then SIGKILL after 15 s); if the reader or the worker dies, the rest are stopped
-too. The dashboard is not essential: if it cannot start (its port taken, say), it says why
-and the gateway goes on without it.
+(SIGTERM, then SIGKILL after 15 s). A reader or worker that exits is started again
+``RESTART_SEC`` later, as the units' ``Restart=always`` does, so an update's health window
+judges ``mash run`` and systemd alike (a restart shows as a new pid in the heartbeat). SIGHUP
+restarts every child (``mash update``, a ``RESTART`` command). Children start from
+``<home>/current/bin/python`` when the home is laid out as releases (``mash.releases``), so a
+restart runs whatever ``current`` points at. The dashboard is not essential: if it cannot
+start (its port taken, say), it says why and the gateway goes on without it. The
+supervisor's pid is in ``<data>/mash-run.pid`` while it runs.
 """
 from __future__ import annotations
 
@@ -18,13 +23,38 @@ import subprocess
 import sys
 import time
 
-from mash.config import Settings
+from mash import releases
+from mash.config import Settings, home
 from mash.reader import find_board
 from mash.chamber import Chamber
 from mash.simulator import SimulatedBoard
 
 SERVICES = (["-m", "mash.reader"], ["-m", "mash.worker"])
 DASHBOARD = ["-m", "mash.dashboard"]
+RESTART_SEC = 2.0
+PID_FILE = "mash-run.pid"
+
+
+def pid_file(settings: Settings):
+    return settings.data_dir / PID_FILE
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([releases.python(home()), *args], env=env)
+
+
+def _stop(procs) -> None:
+    """SIGTERM each child, SIGKILL whatever has not stopped 15 s later."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def configured_sinks(settings: Settings) -> list[str]:
@@ -36,6 +66,10 @@ def configured_sinks(settings: Settings) -> list[str]:
 def run(settings: Settings, interval: float = 5.0, out=sys.stdout, err=sys.stderr) -> int:
     os.umask(0o077)             # the data directory it may make is private, like the store
     env = dict(os.environ)
+    if releases.laid_out(home()):
+        # never the current directory first on sys.path: in a checkout it would shadow the
+        # release's installed package with the checkout's (python -P)
+        env["PYTHONSAFEPATH"] = "1"
     board = None
     wanted = settings.serial_port == "sim"
     missing = settings.serial_port is None and not find_board()
@@ -58,31 +92,45 @@ def run(settings: Settings, interval: float = 5.0, out=sys.stdout, err=sys.stder
         print(f"{'simulated board' if wanted else 'no Arduino attached: simulated board'} on "
               f"{board.port}, a reading every {interval:g} s, its readings {kept}",
               file=out, flush=True)
-    procs = [subprocess.Popen([sys.executable, *args], env=env) for args in SERVICES]
-    extra = [subprocess.Popen([sys.executable, *DASHBOARD], env=env)]
+    procs = [_start(args, env) for args in SERVICES]
+    extra = [_start(DASHBOARD, env)]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    pid_file(settings).write_text(f"{os.getpid()}\n")
     print(f"gateway running (data in {settings.data_dir}); dashboard at "
           f"http://{settings.dashboard_host}:{settings.dashboard_port}; Ctrl-C stops it",
           file=out, flush=True)
-    stopping = []
+    stopping, restart = [], []
     previous = {s: signal.signal(s, lambda *_: stopping.append(1))
                 for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: restart.append(1))
+    due: dict[int, float] = {}          # index of a child that exited -> when it starts again
     try:
-        while not stopping and all(p.poll() is None for p in procs):
+        while not stopping:
+            if restart:
+                restart.clear()
+                print("restarting the services (SIGHUP)", file=out, flush=True)
+                _stop(procs + extra)
+                procs = [_start(args, env) for args in SERVICES]
+                extra = [_start(DASHBOARD, env)]
+                due.clear()
+            for i, p in enumerate(procs):
+                if p.poll() is not None and i not in due:
+                    print(f"{SERVICES[i][-1]} exited ({p.returncode}): starting it again in "
+                          f"{RESTART_SEC:g} s", file=err, flush=True)
+                    due[i] = time.monotonic() + RESTART_SEC
+            for i, at in list(due.items()):
+                if time.monotonic() >= at:
+                    procs[i] = _start(SERVICES[i], env)
+                    del due[i]
             time.sleep(0.2)
     finally:
-        for p in procs + extra:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in procs + extra:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _stop(procs + extra)
         if board:
             board.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    codes = [p.returncode for p in procs]
-    return 0 if stopping else max(abs(c) for c in codes if c is not None)
+        try:
+            pid_file(settings).unlink()
+        except OSError:
+            pass
+    return 0

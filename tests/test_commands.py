@@ -67,3 +67,17 @@ def test_configure_merges_thresholds_per_room_and_replaces_intervals():
     assert merged == {"thresholds": {"fruiting": {"temp_max": 27, "temp_min": 21},
                                      "spawning": {"temp_max": 31}}, "sync_interval": 10}
     assert current == {"thresholds": {"fruiting": {"temp_max": 27}}, "sync_interval": 30}
+
+
+def test_commands_update_needs_an_https_url_and_a_sha256():
+    good = {"version": "0.2.0", "url": "https://releases.example.org/mash_gateway-0.2.0-py3-none-any.whl",
+            "sha256": "AB" * 32}
+    command, params, _ = validate({"id": "u", "command": "update", "parameters": good}, DEVICE, 200)
+    assert command == "update" and params == {**good, "sha256": "ab" * 32}
+    local = {**good, "url": "http://127.0.0.1:8000/mash_gateway-0.2.0-py3-none-any.whl"}
+    assert validate({"command": "update", "parameters": local}, DEVICE, 200)[1]["url"] == local["url"]
+    assert "https" in rejected({"command": "update", "parameters": {**good, "url": "http://example.org/x.whl"}})
+    assert "sha256" in rejected({"command": "update", "parameters": {**good, "sha256": "abc"}})
+    assert "version" in rejected({"command": "update", "parameters": {**good, "version": ""}})
+    assert "unknown parameter" in rejected({"command": "update", "parameters": {**good, "token": "x"}})
+    assert validate({"command": "RESTART", "parameters": {"x": 1}}, DEVICE, 50)[:2] == ("RESTART", {})

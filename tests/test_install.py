@@ -60,7 +60,8 @@ def readings(db: Path) -> int:
 
 def test_readme_command_is_one_line_with_a_virtual_environment():
     command = readme_command(0)
-    assert "\n" not in command and "python3 -m venv" in command
+    assert "\n" not in command and "scripts/install.sh" in command and "mash run" in command
+    assert '"$PYTHON" -m venv' in (ROOT / "scripts" / "install.sh").read_text()
     assert "--break-system-packages" not in command and "sudo" not in command
     assert "bash scripts/test.sh" == readme_command(1)
 
@@ -101,6 +102,10 @@ def test_readme_install_runs_with_debians_system_python(tmp_path):
         log.close()
     assert proc.returncode in (0, 130, -signal.SIGINT), (tmp_path / "install.log").read_text()[-3000:]
     assert (clone / ".venv" / "bin" / "mash").exists()
+    # laid out as releases: current -> releases/<version>, what the units and updates use
+    version = subprocess.run([str(clone / "current" / "bin" / "mash"), "version"], env=env,
+                             capture_output=True, text=True).stdout.split()[0]
+    assert (clone / "current").resolve() == (clone / "releases" / version).resolve()
     if "externally-managed-environment" in managed.stderr:
         # the same interpreter refuses a plain pip install: the venv is what made it work
         assert "externally-managed-environment" not in (tmp_path / "install.log").read_text()

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mash"
 # Bottom to top. A module may import from its own layer or any layer below.
 LAYERS = [
     ("foundation", ["mash", "mash.contract", "mash.config", "mash.clock", "mash.ids", "mash.logs",
-                    "mash.rules", "mash.sdnotify"]),
+                    "mash.rules", "mash.sdnotify", "mash.releases", "mash.health"]),
     ("store", ["mash.models", "mash.models.*"]),
     ("logic", ["mash.protocol", "mash.alerts", "mash.commands", "mash.control", "mash.chamber",
                 "mash.pacing"]),
@@ -23,7 +23,7 @@ LAYERS = [
                   "mash.dashboard", "mash.dashboard.*"]),
     # the guide's Python names (CONTRACT §6), a facade over the clients and the sync manager
     ("entry points", ["mash.cloud", "mash.cloud.*", "mash.cli", "mash.__main__", "mash.worker", "mash.supervisor",
-                      "mash.service", "mash.doctor"]),
+                      "mash.service", "mash.doctor", "mash.update", "mash.backup"]),
 ]
 SERIAL_SIDE = ["mash.reader", "mash.board", "mash.housekeeping", "mash.climate", "mash.simulator",
                "mash.timekeeper",

@@ -72,3 +72,20 @@ def test_two_processes_opening_a_new_file_at_once_both_get_the_current_schema(tm
     errors = [p.communicate(timeout=60)[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errors
     assert Store(path).db.pragma("user_version") == SCHEMA_VERSION
+
+
+def test_migrations_a_newer_additive_schema_still_opens_for_a_rollback(store):
+    """docs/DESIGN.md, the store across versions: a file a newer release migrated opens with
+    this code when that release recorded it compatible down to our schema."""
+    from mash.models.migrations import COMPAT_KEY, SCHEMA_VERSION
+    newer = SCHEMA_VERSION + 1
+    store.db.pragma("user_version", newer)
+    store.meta_set(COMPAT_KEY, {"schema": newer, "compatible_from": SCHEMA_VERSION})
+    store.close()
+    again = Store(store.path)
+    assert again.db.pragma("user_version") == newer        # never written down
+    assert Store(store.path, readonly=True).uid == again.uid
+    again.meta_set(COMPAT_KEY, {"schema": newer, "compatible_from": newer})
+    again.close()
+    with pytest.raises(SchemaTooNew):
+        Store(store.path)

@@ -137,7 +137,8 @@ def test_a_month_of_climate_control_switches_keeps_the_store_flat(store):
         assert rows == {"sensor_data": 0, "alerts": len(kept_alerts) + 1,
                         "commands": 24 * PER_HOUR, "outbox": 2 * (24 * PER_HOUR + len(
                             [t for t in kept_alerts if t >= end - DAY])),
-                        "actuator_state": 1, "counters": 0, "sink_state": 0, "meta": 1}, end
+                        # meta: the uid and the schema's compatible-versions record
+                        "actuator_state": 1, "counters": 0, "sink_state": 0, "meta": 2}, end
         assert active == {("spawning", "sensor_stale")}
     (week, week_rows, _), (month, month_rows, _) = seen.values()
     assert week_rows == month_rows

@@ -32,7 +32,7 @@ def test_installed_units_verify_and_point_at_this_environment(run_cli, tmp_path)
     text = reader.read_text()
     assert f"ExecStart={sys.executable} -m mash.reader" in text
     assert f"Environment=MASH_DATA_DIR={data}" in text
-    assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
+    assert "Restart=always" in text and "KillSignal=SIGTERM" in text
     assert "RuntimeDirectory=mash" in text and "SupplementaryGroups=dialout" in text
     w = worker.read_text()
     assert "After=network-online.target" in w and "Wants=network-online.target" in w
@@ -73,3 +73,42 @@ def test_units_made_from_another_directory_point_at_the_gateways_home(tmp_path, 
     assert f"WorkingDirectory={home()}\n" in text and f"Environment=MASH_HOME={home()}\n" in text
     assert f"Environment=MASH_ENV_FILE={home() / 'config' / '.env'}\n" in text
     assert str(tmp_path) not in text
+
+
+def test_units_of_a_home_laid_out_as_releases_start_the_current_release(tmp_path):
+    """The units run ``<home>/current/bin/python``: an update switches the link, and a
+    restart runs the new release."""
+    from mash import releases
+    from mash.config import Settings
+    home_dir = tmp_path / "farm"
+    release = home_dir / "releases" / "0.1.0"
+    (release / "bin").mkdir(parents=True)
+    (release / "bin" / "python").symlink_to(sys.executable)
+    releases.switch(home_dir, release)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    made = service.units(user, workdir=home_dir,
+                         settings=Settings.from_mapping({"MASH_DATA_DIR": str(home_dir / "data")}))
+    python = home_dir.resolve() / "current" / "bin" / "python"
+    for name, text in made.items():
+        assert f"ExecStart={python} -m mash." in text and "Restart=always" in text
+        assert "Environment=PYTHONSAFEPATH=1" in text
+        (tmp_path / name).write_text(text)
+    assert "KillMode=process" in made["mash-worker.service"]
+    checked = verify(*(tmp_path / n for n in made))
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+
+
+def test_backup_timer_units_verify_and_back_up_into_the_directory(run_cli, tmp_path):
+    unit_dir, backups = tmp_path / "units", tmp_path / "usb" / "mash"
+    backups.mkdir(parents=True)
+    result = run_cli("service", "install", "--unit-dir", str(unit_dir), "--no-start",
+                     "--backup-dir", str(backups), "--backup-keep", "5",
+                     env={"MASH_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    svc, timer = unit_dir / "mash-backup.service", unit_dir / "mash-backup.timer"
+    assert f"-m mash backup -o {backups} --keep 5" in svc.read_text()
+    assert {"OnCalendar=daily", "Persistent=true"} <= set(timer.read_text().splitlines())
+    checked = verify(svc, timer)
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+    assert run_cli("service", "uninstall", "--unit-dir", str(unit_dir), "--no-start").returncode == 0
+    assert not svc.exists() and not timer.exists()

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 
+from mash import health
 from mash.clock import as_datetime, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
@@ -172,6 +173,17 @@ def cloud(settings: Settings, store: Store, now: dt.datetime) -> dict:
     }
 
 
+STARTED = time.time()                       # the dashboard's own uptime
+_throttled: list = [None, float("-inf")]     # vcgencmd's answer and when: asked once a minute
+
+
+def gateway_health(settings: Settings) -> dict:
+    """``mash.health.snapshot`` for the page (vcgencmd asked at most once a minute)."""
+    if time.monotonic() - _throttled[1] > 60:
+        _throttled[:] = [health.throttled(), time.monotonic()]
+    return health.snapshot(settings.data_dir, STARTED, throttled_flags=_throttled[0])
+
+
 def snapshot(settings: Settings, store: Store) -> dict:
     """Everything the page shows but the charts."""
     now = utcnow()
@@ -186,4 +198,5 @@ def snapshot(settings: Settings, store: Store) -> dict:
         "commands": local_commands(store),
         "mode": effective_modes(settings.control_mode, configured.get("mode")),
         "thresholds": thresholds(settings, store),
+        "health": gateway_health(settings),
     }

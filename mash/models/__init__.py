@@ -9,12 +9,12 @@
 The guide's troubleshooting query (``SELECT COUNT(*) FROM sensor_data WHERE synced = 0``)
 works on the file as it is.
 """
-from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew
+from mash.models.migrations import COMPATIBLE_FROM, SCHEMA_VERSION, SchemaTooNew
 from mash.models.schema import (ACK, ALERT, COMPLETED, FAILED, FINAL, LOCAL, MODELS, PENDING,
                                 QUEUED, REJECTED, RUNNING, SYNCED, bind_models)
 from mash.models.store import DatabaseManager, Store, StoreCorrupt, StoreMissing, StoreOutdated
 
 __all__ = ["Store", "DatabaseManager", "StoreMissing", "StoreCorrupt",
-           "StoreOutdated", "MODELS", "bind_models", "SCHEMA_VERSION", "SchemaTooNew",
+           "StoreOutdated", "MODELS", "bind_models", "SCHEMA_VERSION", "COMPATIBLE_FROM", "SchemaTooNew",
            "PENDING", "SYNCED", "REJECTED", "LOCAL", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "FINAL",
            "ALERT", "ACK"]

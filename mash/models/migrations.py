@@ -21,6 +21,13 @@ from mash.models.schema import create_indexes
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 6
+# The oldest schema version whose code can still run on a file at SCHEMA_VERSION. Steps are
+# additive (a new table, a nullable column or one with a default, an index), so an older
+# release that ignores them runs on the migrated file: an update's rollback needs that. A
+# step that is not additive raises this to SCHEMA_VERSION, and `mash update` refuses a
+# release whose COMPATIBLE_FROM is above the running one's SCHEMA_VERSION (docs/DESIGN.md).
+COMPATIBLE_FROM = 6
+COMPAT_KEY = "schema.compatible_from"      # meta: COMPATIBLE_FROM of the code that migrated it
 
 
 class SchemaTooNew(RuntimeError):
@@ -112,11 +119,11 @@ def migrate(db, models) -> int:
 
     The version is read again inside the write transaction: the reader and the worker may
     open a new file at the same moment, and the one that waited must see the other's work."""
-    if _check(db) == SCHEMA_VERSION:
+    if _check(db) >= SCHEMA_VERSION:
         return SCHEMA_VERSION
     with db.atomic():
         current = _check(db)
-        if current == SCHEMA_VERSION:
+        if current >= SCHEMA_VERSION:      # a newer release's file this code can run on
             return current
         if current == 0 and not db.table_exists("sensor_data"):
             db.create_tables([getattr(models, m) for m in vars(models)])
@@ -127,15 +134,38 @@ def migrate(db, models) -> int:
                 log.info("migrating %s to schema v%d", db.database, version)
                 STEPS[version](db, migrator, models)
         db.pragma("user_version", SCHEMA_VERSION)
+        db.execute_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                       (COMPAT_KEY, json.dumps({"schema": SCHEMA_VERSION,
+                                                "compatible_from": COMPATIBLE_FROM})))
     return SCHEMA_VERSION
 
 
+def compatible_from(db) -> int | None:
+    """The COMPATIBLE_FROM recorded by the code that migrated the file to its schema version
+    (None when not recorded, or recorded for another version than the file's)."""
+    try:
+        row = db.execute_sql("SELECT value FROM meta WHERE key = ?", (COMPAT_KEY,)).fetchone()
+    except Exception:           # no meta table yet: a new file
+        return None
+    try:
+        found = json.loads(row[0]) if row else {}
+        if found.get("schema") != db.pragma("user_version"):
+            return None
+        return int(found["compatible_from"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def _check(db) -> int:
+    """The file's schema version; SchemaTooNew for a newer file this code cannot run on (one
+    newer and compatible, by the file's own ``schema.compatible_from``, is run as it is)."""
     current = db.pragma("user_version")
     if current > SCHEMA_VERSION:
-        raise SchemaTooNew(f"{db.database} has schema v{current}, newer than this gateway's "
-                           f"v{SCHEMA_VERSION}: upgrade the gateway, do not delete the file")
+        floor = compatible_from(db)
+        if floor is None or floor > SCHEMA_VERSION:
+            raise SchemaTooNew(f"{db.database} has schema v{current}, newer than this gateway's "
+                               f"v{SCHEMA_VERSION}: upgrade the gateway, do not delete the file")
     return current
 
 
-__all__ = ["SCHEMA_VERSION", "SchemaTooNew", "migrate"]
+__all__ = ["COMPATIBLE_FROM", "SCHEMA_VERSION", "SchemaTooNew", "compatible_from", "migrate"]

@@ -25,12 +25,12 @@ from types import SimpleNamespace
 
 from peewee import DatabaseError, SqliteDatabase, fn
 
-from mash import ids
+from mash import __version__, ids
 from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
 from mash.models import apps_outbox, retention, stats
-from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+from mash.models.migrations import SCHEMA_VERSION, SchemaTooNew, compatible_from, migrate
 from mash.models.ledger import LedgerMixin, writes
 from mash.models.outbox import ALERT, Outbox, alert_payload
 from mash.models.outbox import NOTIFY_ROUTES, notify_payload, notify_sinks_for
@@ -187,7 +187,9 @@ class Store(LedgerMixin):
         if self.readonly:
             self.db.connect(reuse_if_open=True)
             version = self.db.pragma("user_version")
-            if version != SCHEMA_VERSION:
+            floor = compatible_from(self.db) if version > SCHEMA_VERSION else None
+            newer_ok = floor is not None and floor <= SCHEMA_VERSION  # additive: runs as is
+            if version != SCHEMA_VERSION and not newer_ok:
                 if version > SCHEMA_VERSION:
                     raise SchemaTooNew(f"{self.path} has schema v{version}, newer than this "
                                        f"gateway's v{SCHEMA_VERSION}: upgrade the gateway")
@@ -455,7 +457,7 @@ class Store(LedgerMixin):
         """``process`` is alive (and says it beats every ``every`` s): ``mash status``,
         ``mash doctor`` and the worker's ERROR report read it."""
         self.meta_set(f"process.{process}", {"at": iso(utcnow()), "pid": os.getpid(),
-                                             "every": every, **info})
+                                             "every": every, "version": __version__, **info})
 
     def processes(self) -> dict:
         """Each process's last heartbeat, with ``alive`` (beat within three periods and not

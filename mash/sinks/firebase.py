@@ -122,7 +122,8 @@ def status_object(state: str, stats: dict) -> dict:
     except (AttributeError, OSError):      # not Linux
         last_boot = None
     meta = {"last_boot": last_boot, "firmware_version": firmware,
-            "gateway_version": __version__, "control_mode": stats.get("mode")}
+            "gateway_version": __version__, "control_mode": stats.get("mode"),
+            "health": stats.get("health")}
     meta.update({k: stats[k] for k in ("pending_records", "total_synced", "last_reading",
                                        "backend_online", "mqtt_online") if k in stats})
     return {"status": state, "last_update": iso(utcnow()),

@@ -197,6 +197,7 @@ def _worker_started() -> None:
             setup_logging(settings.log_level)
             _context = WorkerContext(settings)
             _service = start_service(_context)
+            intake.resume_interrupted_update(_context)
         except Exception as exc:
             log.debug("worker start-up failed", exc_info=True)
             if logging.getLogger().handlers:

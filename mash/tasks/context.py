@@ -15,6 +15,7 @@ from mash.sinks.backend_api import BackendAPIClient
 from mash.sinks.firebase import FirebaseSync
 from mash.sinks.mqtt_client import MQTTClient
 from mash.clock import ClockSource, from_epoch, iso
+from mash import health
 from mash.config import Settings
 from mash.control import effective_modes
 from mash.models import Store
@@ -34,6 +35,7 @@ class WorkerContext:
                  backend=_CREATE, mqtt=_CREATE, firebase=_CREATE,
                  clock_source: ClockSource | None = None):
         self.settings = settings
+        self.started = time.time()            # the health figures' uptime
         self.store = store or Store(settings.db_path)
         if backend is _CREATE:
             backend = BackendAPIClient(settings) if settings.backend_enabled else None
@@ -150,10 +152,12 @@ class WorkerContext:
                     "until it is", -offset)
 
     def stats(self) -> dict:
-        """The guide's stats, and each room's control mode."""
+        """The guide's stats, each room's control mode and the gateway's health figures."""
         configured = self.store.meta_get("configuration") or {}
         return {**self.store.get_stats(),
-                "mode": effective_modes(self.settings.control_mode, configured.get("mode"))}
+                "mode": effective_modes(self.settings.control_mode, configured.get("mode")),
+                "health": health.snapshot(self.settings.data_dir, self.started,
+                                          throttled_flags=health.throttled())}
 
     def publish_status(self) -> dict:
         stats = self.stats()

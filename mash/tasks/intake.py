@@ -2,16 +2,23 @@
 intake, and the ledger keeps each id once.
 
 ``set_actuator`` waits in the ledger for the reader (the only writer to the serial port);
-``REQUEST_STATUS``, ``force_sync`` and ``CONFIGURE`` are handled here, in the worker.
+``REQUEST_STATUS``, ``force_sync`` and ``CONFIGURE`` are handled here, in the worker;
+``update`` and ``RESTART`` start ``mash update`` / ``mash restart`` in a session of their own
+(they restart this worker, so they must outlive it), which acknowledges the command itself
+once the health window has judged the services.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
+import os
 import queue
+import subprocess
 
+from mash import releases
 from mash.clock import from_epoch
+from mash.config import home
 from mash.sinks.firebase import FirebaseError, QueueItemRejected, command_from_queue
 from mash.commands import Rejected, configure, parse_payload, usable_id, validate
 from mash.logs import OncePerKind
@@ -64,6 +71,8 @@ def intake(ctx, cmd: dict, source: str, size: int | None = None) -> str:
         return "queued"
     if command == "CONFIGURE":
         return configure_command(ctx, command_id, params, source)
+    if command in ("update", "RESTART"):
+        return maintenance_command(ctx, command_id, command, params, source)
     if not store.add_command(command_id, command, params, source, status=RUNNING):
         return "duplicate"
     response = run_worker_command(ctx, command, params)
@@ -108,6 +117,53 @@ def configure_command(ctx, command_id: str, params: dict, source: str) -> str:
     ctx.reload_configuration()
     log.info("command %s from %s (CONFIGURE) completed", command_id, source)
     return "done"
+
+
+UPDATE_LOG = "update.log"
+
+
+def maintenance_command(ctx, command_id: str, command: str, params: dict, source: str) -> str:
+    """``update`` / ``RESTART``: marked running in the ledger (once per id), then handed to
+    ``mash update --command ID`` / ``mash restart --command ID`` in its own session, its output
+    appended to ``<data>/update.log``. That process finishes the command (completed with the
+    version, or failed with the reason) when the services are judged."""
+    store = ctx.store
+    if not store.add_command(command_id, command, params, source,
+                             status=RUNNING):
+        return "duplicate"
+    verb = "update" if command == "update" else "restart"
+    try:
+        start_maintenance(ctx, verb, "--command", command_id)
+    except OSError as exc:
+        store.finish_command(command_id, False, reason=f"could not start mash {verb}: {exc}")
+        ctx.wake("deliver")
+        return "failed"
+    log.info("command %s from %s (%s): mash %s started", command_id, source, command, verb)
+    return "queued"
+
+
+def start_maintenance(ctx, *args: str) -> None:
+    """``mash <args>`` in a session of its own (it must outlive this worker), its output
+    appended to ``<data>/update.log``. Raises OSError."""
+    with open(ctx.settings.data_dir / UPDATE_LOG, "ab") as out:
+        subprocess.Popen([releases.python(home()), "-m", "mash", *args],
+                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+
+
+def resume_interrupted_update(ctx) -> bool:
+    """At the worker's start: an update stopped between its switch and its verdict (a power
+    cut) left its marker in ``releases/``; ``mash update --recover`` judges it and finishes
+    its command (it does nothing while that update still runs). True when started."""
+    if not (releases.releases_dir(home()) / releases.PENDING).exists():
+        return False
+    try:
+        start_maintenance(ctx, "update", "--recover")
+    except OSError as exc:
+        log.warning("could not start `mash update --recover`: %s", exc)
+        return False
+    log.info("an interrupted update is judged again (mash update --recover)")
+    return True
 
 
 def poll_commands(ctx) -> int:

@@ -60,6 +60,15 @@
     const board = c.board ? (c.board.connected ? "board connected" : "board not connected") : "board unknown";
     text($("#processes"), "reader " + (c.reader_alive ? "running" : "not running") + ", worker " +
          (c.worker_alive ? "running" : "not running") + ", " + board);
+    const h = s.health || {};
+    const fig = [h.version ? "version " + h.version : null,
+                 h.uptime_s !== null && h.uptime_s !== undefined ? "up " + ago(h.uptime_s).replace(" ago", "") : null,
+                 h.cpu_temp_c !== null && h.cpu_temp_c !== undefined ? "CPU " + h.cpu_temp_c.toFixed(1) + " °C" : null,
+                 h.cpu_pct !== null && h.cpu_pct !== undefined ? "load " + Math.round(h.cpu_pct) + " %" : null,
+                 h.memory_used_pct !== null && h.memory_used_pct !== undefined ? "memory " + Math.round(h.memory_used_pct) + " %" : null,
+                 h.disk_used_pct !== null && h.disk_used_pct !== undefined ? "disk " + Math.round(h.disk_used_pct) + " %" : null,
+                 h.under_voltage ? "UNDER-VOLTAGE (check the power supply)" : null].filter(Boolean);
+    text($("#health"), fig.length ? fig.join(", ") : "–");
     const d = c.drain;
     text($("#drain"), d.running ? "draining: " + d.rate + " readings/s, about " + d.eta_s + " s left"
          : (c.pending === 0 ? "all synced" : ""));
