@@ -204,9 +204,8 @@ def create_app(settings: Settings, store: Store | None = None,
     # -- pairing a phone (CONTRACT §10) ----------------------------------------------------------
     def advertising() -> bool:
         """Our own advertiser (this process) answers for the .local name now."""
-        state = mdns.advertised(reads) or {}
-        return bool(state.get("pid") == os.getpid() and state.get("addresses")
-                    and not state.get("stopped"))
+        state = mdns.live(reads) or {}
+        return bool(state.get("pid") == os.getpid() and state.get("addresses"))
 
     def pairing_view() -> dict:
         addresses = lan.lan_ipv4()
@@ -216,7 +215,8 @@ def create_app(settings: Settings, store: Store | None = None,
         payload = None
         if links["app"]["url"]:                 # the app's QR carries the address, always
             payload = pairing.app_payload(settings, lan.url_host(
-                settings.device_id, False, settings.phone_api_host, addresses))
+                settings.device_id, False, settings.phone_api_host, addresses),
+                app.config.get("PHONE_PORT"))
         return {"addresses": addresses, "advertised": advertising(), "links": links,
                 "payload": payload, "host": lan.host_name(settings.device_id)}
 

@@ -163,3 +163,18 @@ class Advertiser:
 def advertised(store: Store) -> dict | None:
     """What the dashboard last said it advertises (``None``: it never did)."""
     return store.meta_get(STATE_KEY)
+
+
+def live(store: Store) -> dict | None:
+    """What is advertised now: the dashboard's last word, if its process still runs and has
+    not withdrawn it; else None."""
+    state = advertised(store)
+    if not state or state.get("stopped") or not state.get("pid"):
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except ProcessLookupError:
+        return None                     # killed without its goodbyes: the records expire
+    except PermissionError:
+        pass                            # alive, another user's
+    return state

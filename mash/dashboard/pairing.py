@@ -18,11 +18,11 @@ from mash.config import Settings
 from mash.dashboard import lan
 
 
-def app_payload(settings: Settings, address: str) -> str:
+def app_payload(settings: Settings, address: str, port: int | None = None) -> str:
     """The JSON MASH-IoT's pairing QR carries, key for key."""
     return json.dumps({"type": "mash_device", "deviceId": settings.device_id,
                        "deviceName": settings.device_name, "ipAddress": address,
-                       "port": settings.phone_api_port}, separators=(",", ":"))
+                       "port": port or settings.phone_api_port}, separators=(",", ":"))
 
 
 def qr(text: str) -> segno.QRCode:
