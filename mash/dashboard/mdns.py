@@ -21,6 +21,7 @@ dashboard's pairing page.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -35,6 +36,19 @@ from mash.models import Store
 
 log = logging.getLogger("mash.mdns")
 STATE_KEY = "mdns.advertised"
+GONE = (errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.ENODEV)
+
+
+class _AddressGone(logging.Filter):
+    """zeroconf logs a traceback for each packet that cannot leave from an address that was
+    just taken away (its goodbyes at an address change): expected, and not ours to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, OSError) and exc.errno in GONE)
+
+
+logging.getLogger("zeroconf").addFilter(_AddressGone())
 
 
 def planned_services(settings: Settings, phone_port: int, dashboard_port: int) -> list[dict]:
@@ -62,7 +76,7 @@ class Advertiser:
     def __init__(self, settings: Settings, store: Store, phone_port: int, dashboard_port: int,
                  poll_s: float | None = None, addresses=lan.lan_ipv4):
         self.settings, self.store = settings, store
-        self.services = planned_services(settings, phone_port, dashboard_port)
+        self.services = planned_services(settings, int(phone_port), int(dashboard_port))
         self.host = lan.host_label(settings.device_id) + ".local."
         self.poll_s = poll_s or self.POLL_S
         self.addresses = addresses
