@@ -340,11 +340,12 @@ def serve(settings: Settings) -> int:
     server = create_server(app, host=settings.dashboard_host, port=settings.dashboard_port,
                            threads=4, ident="mash", clear_untrusted_proxy_headers=False)
     phone_server = start_phone_api(settings, store, reads)
-    app.config["PHONE_PORT"] = phone_server.effective_port if phone_server else None
-    app.config["DASHBOARD_PORT"] = server.effective_port
+    # waitress gives its port as text
+    app.config["PHONE_PORT"] = int(phone_server.effective_port) if phone_server else None
+    app.config["DASHBOARD_PORT"] = int(server.effective_port)
     advertiser = None
     if settings.mdns:
-        advertiser = mdns.Advertiser(settings, store, dashboard_port=server.effective_port,
+        advertiser = mdns.Advertiser(settings, store, dashboard_port=app.config["DASHBOARD_PORT"],
                                      phone_port=app.config["PHONE_PORT"] or settings.phone_api_port
                                      ).start()
     else:
