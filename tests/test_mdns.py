@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from mash.doctor import Doctor
 from mash.models import Store
 from tests.services import ROOT, lan_pair_or_skip, stop_process, wait_for
 
@@ -59,7 +60,8 @@ class Lines:
 def test_mdns_advertises_follows_the_address_and_withdraws(lan, tmp_path, make_settings):
     data = tmp_path / "data"
     env = {**os.environ, "MASH_DATA_DIR": str(data), "DEVICE_ID": SERIAL,
-           "DEVICE_NAME": "Shed 2", "PHONE_API": "control", "PHONE_API_HOST": "0.0.0.0",
+           "DEVICE_NAME": "Shed 2", "MDNS": "1", "PHONE_API": "control",
+           "PHONE_API_HOST": "0.0.0.0",
            "PHONE_API_PORT": "5000", "DASHBOARD_HOST": "0.0.0.0", "DASHBOARD_PORT": "8080"}
     # the dashboard listens beyond loopback (so it is advertised too): that needs a password
     pw = subprocess.run([sys.executable, "-m", "mash", "dashboard", "set-password"],
@@ -97,6 +99,12 @@ def test_mdns_advertises_follows_the_address_and_withdraws(lan, tmp_path, make_s
         assert state["addresses"] == [lan.GW] and state["host"] == f"{SID}.local"
         assert {s["name"] for s in state["services"]} == {
             f"{SID}._mash-iot._tcp.local.", f"Shed 2 ({SID})._http._tcp.local."}
+        doc = Doctor()
+        doc.settings = make_settings(MASH_DATA_DIR=str(data))
+        line = doc.mdns()
+        assert line.ok is True and line.detail == (
+            f"{SID}._mash-iot._tcp.local. port 5000, Shed 2 ({SID})._http._tcp.local. port 8080 "
+            f"on {SID}.local ({lan.GW})")
 
         # the Wi-Fi gives the Pi another address (DHCP): the phone sees it within 10 s
         new = "10.77.0.11"
@@ -130,7 +138,6 @@ def test_mdns_advertises_follows_the_address_and_withdraws(lan, tmp_path, make_s
 
 
 def test_mdns_off_advertises_nothing_and_doctor_says_so(make_settings, data_dir, store):
-    from mash.doctor import Doctor
     env = {"MASH_DATA_DIR": str(data_dir), "MDNS": "0", "MASH_ENV_FILE": "/dev/null"}
     doc = Doctor(env=env)
     doc.settings = make_settings(MDNS="0")

@@ -73,7 +73,7 @@ for p in paths:
 def test_pairing_dashboard_serves_both_qrs_and_mash_pair_prints_them(tmp_path):
     lan = lan_pair_or_skip()
     data = tmp_path / "data"
-    env = {**os.environ, "MASH_DATA_DIR": str(data), "PHONE_API": "read",
+    env = {**os.environ, "MASH_DATA_DIR": str(data), "MDNS": "1", "PHONE_API": "read",
            "PHONE_API_HOST": "0.0.0.0", "PHONE_API_PORT": "5000", "DASHBOARD_HOST": "0.0.0.0",
            "DASHBOARD_PORT": "8080", "PYTHONPATH": str(ROOT)}
     host = "mash-rpi-gateway-001.local"

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from mash.clock import iso
+from mash.config import ConfigError
 from mash.models import Store
 from mash.simulator import SimulatedBoard
 from tests.services import ROOT, Dashboard, free_port, lan_pair_or_skip, stop_process, wait_for
@@ -324,3 +325,15 @@ def test_phone_refuses_commands_from_outside_the_private_subnets(tmp_path):
         log.close()
     text = (tmp_path / "dashboard.log").read_text()
     assert "refused a command from 100.64.77.2" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("env, key", [({"PHONE_API": "write"}, "PHONE_API"),
+                                      ({"PHONE_API_HOST": "phone.example"}, "PHONE_API_HOST"),
+                                      ({"PHONE_API_PORT": "70000"}, "PHONE_API_PORT"),
+                                      ({"MDNS": "maybe"}, "MDNS")])
+def test_phone_settings_refuse_a_bad_value_naming_the_key(make_settings, env, key):
+    with pytest.raises(ConfigError) as exc:
+        make_settings(**env)
+    assert exc.value.key == key
+    s = make_settings()
+    assert (s.mdns, s.phone_api, s.phone_api_host, s.phone_api_port) == (True, "read", "0.0.0.0", 5000)
