@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mash.dashboard import pairing
+from mash.dashboard import lan, pairing
 from mash.models import Store
 from tests.services import CHROMIUM, ROOT, lan_pair_or_skip, stop_process, wait_for
 
@@ -121,3 +121,20 @@ def test_pairing_dashboard_serves_both_qrs_and_mash_pair_prints_them(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mash", "pair"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert "not advertised now" in out.stdout and ".local" not in out.stdout.split("mDNS")[1]
+
+
+def test_pairing_names_and_links_follow_the_rule(make_settings):
+    """The host name: ``mash-<sid>``, or the contract's ``<sid>`` for a MASH serial; a link
+    carries the .local name only while it is advertised, and none for a loopback server."""
+    assert lan.host_name("MASH-B2-CAL26-CE637C") == "mash-b2-cal26-ce637c.local"
+    assert lan.host_name("rpi_gateway_001") == "mash-rpi-gateway-001.local"
+    assert lan.sid("Shed#2.North") == "shed-2-north"
+    s = make_settings(PHONE_API="read", DASHBOARD_HOST="127.0.0.1")
+    named = pairing.links(s, True, ["192.168.4.20"])
+    assert named["app"]["url"] == "http://mash-rpi-gateway-001.local:5000/api"
+    assert named["app"]["by_address"] == "http://192.168.4.20:5000/api"
+    assert named["dashboard"]["url"] is None and "127.0.0.1 only" in named["dashboard"]["note"]
+    plain = pairing.links(s, False, ["192.168.4.20"])
+    assert plain["app"]["url"] == "http://192.168.4.20:5000/api" and plain["app"]["by_name"] is None
+    assert pairing.links(s, False, [])["app"]["note"] == "no private IPv4 address on any interface yet"
+    assert pairing.links(make_settings(PHONE_API="off"), True, ["10.0.0.2"])["app"]["url"] is None
