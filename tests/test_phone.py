@@ -337,3 +337,25 @@ def test_phone_settings_refuse_a_bad_value_naming_the_key(make_settings, env, ke
     assert exc.value.key == key
     s = make_settings()
     assert (s.mdns, s.phone_api, s.phone_api_host, s.phone_api_port) == (True, "read", "0.0.0.0", 5000)
+
+
+def test_phone_port_taken_dashboard_goes_on_without_it(tmp_path, data_dir):
+    """Port 5000 held by another program: the dashboard says why and serves on."""
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        dash = Dashboard(tmp_path / "dash", {**os.environ, "MASH_DATA_DIR": str(data_dir),
+                                             "PHONE_API": "read", "PHONE_API_HOST": "127.0.0.1",
+                                             "PHONE_API_PORT": str(holder.getsockname()[1])})
+        dash.start()
+        try:
+            assert requests.get(dash.url + "/login", timeout=10).status_code in (200, 302)
+            assert "phone API: cannot listen on 127.0.0.1" in dash.logs()
+            page = requests.get(dash.url + "/pair", timeout=10).text     # loopback, no password
+            assert "not running: its port could not be had" in page
+        finally:
+            dash.stop()
+    finally:
+        holder.close()

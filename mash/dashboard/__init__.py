@@ -212,6 +212,9 @@ def create_app(settings: Settings, store: Store | None = None,
         port = app.config.get("DASHBOARD_PORT") or settings.dashboard_port
         links = pairing.links(settings, advertising(), addresses, dashboard_port=port,
                               phone_port=app.config.get("PHONE_PORT"))
+        if settings.phone_api != "off" and app.config.get("PHONE_PORT") is None:
+            links["app"] = {"url": None, "by_name": None, "by_address": None,
+                            "note": "not running: its port could not be had (see the log)"}
         payload = None
         if links["app"]["url"]:                 # the app's QR carries the address, always
             payload = pairing.app_payload(settings, lan.url_host(
@@ -346,8 +349,7 @@ def serve(settings: Settings) -> int:
     advertiser = None
     if settings.mdns:
         advertiser = mdns.Advertiser(settings, store, dashboard_port=app.config["DASHBOARD_PORT"],
-                                     phone_port=app.config["PHONE_PORT"] or settings.phone_api_port
-                                     ).start()
+                                     phone_port=app.config["PHONE_PORT"]).start()
     else:
         log.info("mDNS: off (MDNS=0)")
     stopped = threading.Event()

@@ -51,11 +51,14 @@ class _AddressGone(logging.Filter):
 logging.getLogger("zeroconf").addFilter(_AddressGone())
 
 
-def planned_services(settings: Settings, phone_port: int, dashboard_port: int) -> list[dict]:
-    """What this configuration advertises (before any address is known)."""
+def planned_services(settings: Settings, phone_port: int | None,
+                     dashboard_port: int) -> list[dict]:
+    """What this configuration advertises (before any address is known); ``phone_port``
+    None: the app's API is not running (off, or its port was taken), so it is not offered."""
     s = lan.sid(settings.device_id)
     services = []
-    if settings.phone_api != "off" and lan.reachable_host(settings.phone_api_host):
+    if (phone_port is not None and settings.phone_api != "off"
+            and lan.reachable_host(settings.phone_api_host)):
         services.append({"type": lan.SERVICE, "name": f"{s}.{lan.SERVICE}", "port": phone_port,
                          "properties": {"name": settings.device_name, "type": "rpi-gateway",
                                         "api_version": "v1", "device_id": s,
@@ -73,10 +76,11 @@ class Advertiser:
     private IPv4 addresses until ``stop``."""
     POLL_S = 2.0
 
-    def __init__(self, settings: Settings, store: Store, phone_port: int, dashboard_port: int,
+    def __init__(self, settings: Settings, store: Store, phone_port: int | None, dashboard_port: int,
                  poll_s: float | None = None, addresses=lan.lan_ipv4):
         self.settings, self.store = settings, store
-        self.services = planned_services(settings, int(phone_port), int(dashboard_port))
+        self.services = planned_services(settings, None if phone_port is None else int(phone_port),
+                                         int(dashboard_port))
         self.host = lan.host_label(settings.device_id) + ".local."
         self.poll_s = poll_s or self.POLL_S
         self.addresses = addresses
