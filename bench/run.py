@@ -527,7 +527,7 @@ def bench_dashboard(quick: bool):
     soon a stored reading shows on the open page."""
     from mash.alerts import AlertEvent
     from mash.models import Store
-    from tests.services import Dashboard, browser
+    from tests.services import Dashboard, browser, free_port
     s = Scratch()
     driver = None
     stop_writer, quiet = threading.Event(), threading.Event()
@@ -545,7 +545,10 @@ def bench_dashboard(quick: bool):
                           for i in range(200)])
         rows = store.m.SensorData.select().count()
         record("dashboard bench store", rows, "readings")
-        dash = Dashboard(s.dir / "dash", dict(os.environ, MASH_DATA_DIR=str(data)))
+        # the phone API as by default (read), but on loopback; no multicast from a benchmark
+        dash = Dashboard(s.dir / "dash", dict(os.environ, MASH_DATA_DIR=str(data), MDNS="0",
+                                              PHONE_API="read", PHONE_API_HOST="127.0.0.1",
+                                              PHONE_API_PORT=str(free_port())))
         dash.start()
         s.stoppers.append(dash.stop)
         def writer():                                       # the reader's pace, a line per 5 s
@@ -682,6 +685,56 @@ def bench_update(quick: bool):
         s.close()
 
 
+def bench_phone(quick: bool):
+    """The grower app's local API (CONTRACT §10) over 30 days of readings (~1 million rows):
+    p95 of 20 calls of the app's 5 s poll (/api/sensor/current), its statistics and sensor
+    logs; the dashboard process's RSS with it; one read of the interface addresses (what the
+    mDNS advertiser does every 2 s). mDNS itself stays off here: a benchmark does not
+    multicast on this machine's network (its module is imported all the same)."""
+    import requests
+    from mash.dashboard import lan
+    from mash.models import Store
+    from tests.services import Dashboard, free_port, wait_port
+    took = []
+    for _ in range(1000):
+        t0 = time.perf_counter()
+        lan.lan_ipv4()
+        took.append(time.perf_counter() - t0)
+    record("interface addresses read (the mDNS poll), median of 1000",
+           statistics.median(took) * 1e6, "µs")
+    s = Scratch()
+    try:
+        data = s.dir / "data"
+        store = Store(data / "mash.db")
+        lines = 50_000 if quick else 518_400               # 30 days at a line per 5 s
+        add_backlog(store, lines)
+        record("phone bench store", store.m.SensorData.select().count(), "readings")
+        port = free_port()
+        dash = Dashboard(s.dir / "dash", dict(os.environ, MASH_DATA_DIR=str(data), MDNS="0",
+                                              PHONE_API="read", PHONE_API_HOST="127.0.0.1",
+                                              PHONE_API_PORT=str(port)))
+        dash.start()
+        s.stoppers.append(dash.stop)
+        wait_port(port, timeout=20)
+        base = f"http://127.0.0.1:{port}/api"
+        for path, label in (("/sensor/current", "/api/sensor/current (the app's poll)"),
+                            ("/logs/statistics?hours=24", "/api/logs/statistics, 24 h"),
+                            ("/logs/statistics?hours=720", "/api/logs/statistics, 30 days"),
+                            ("/logs/sensors?hours=24&limit=100", "/api/logs/sensors, 100 of 24 h")):
+            samples = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                r = requests.get(base + path, timeout=30)
+                samples.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code in (200, 503), r.text
+            record(f"{label}, p95 of 20", pct(samples, 95), "ms")
+        requests.get(dash.url + "/", timeout=10)
+        record("dashboard RSS with the phone API (after the calls above)", rss_mb(dash.proc.pid), "MB",
+               "<= 60 MB", rss_mb(dash.proc.pid) <= 60)
+    finally:
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -700,6 +753,7 @@ BENCHES = {
     "dashboard": bench_dashboard,
     "backup": bench_backup,
     "update": bench_update,
+    "phone": bench_phone,
 }
 
 

@@ -15,6 +15,7 @@ from mash.config import ConfigError, Settings, check_notify_urls, home
 from mash.contract import ROOMS
 from mash.control import effective_modes
 from mash.dashboard import auth as dashboard_auth
+from mash.dashboard import lan, mdns, pairing
 from mash.logs import setup_logging, start_process
 from mash.models import SchemaTooNew, Store, StoreCorrupt, StoreMissing, StoreOutdated
 from mash.models.stats import SINK_WORDS, sink_states
@@ -203,6 +204,39 @@ def set_dashboard_password(store: Store, stdin=sys.stdin, out=sys.stderr) -> int
     print("dashboard password set (stored as a salted scrypt hash); every session is logged out",
           file=out)
     return 0
+
+
+def cmd_pair(args) -> int:
+    """``mash pair``: the grower app's pairing QR in the terminal, and the URLs of the app's
+    API and the dashboard by name and by address (CONTRACT §10)."""
+    settings = Settings.load()
+    state = None
+    if settings.db_path.exists():
+        state = mdns.live(Store(settings.db_path, readonly=True))
+    addresses = lan.lan_ipv4()
+    advertised = bool(state and state.get("addresses"))
+    links = pairing.links(settings, advertised, addresses)
+    out = sys.stdout
+    if links["app"]["url"]:
+        address = lan.url_host(settings.device_id, False, settings.phone_api_host, addresses)
+        payload = pairing.app_payload(settings, address)
+        print("Scan with the MASH grower app (Connect to device, QR):", file=out)
+        print(pairing.terminal(payload), end="", file=out)
+        print(payload, file=out)
+    print("mDNS: " + (f"advertising {', '.join(s['name'] for s in state['services'])} on "
+                      f"{state['host']} ({', '.join(state['addresses'])})" if advertised else
+                      "off (MDNS=0)" if not settings.mdns else
+                      "not advertised now (the dashboard, which advertises, is not running)"),
+          file=out)
+    for key, label in (("app", f"app API ({settings.phone_api})"), ("dashboard", "dashboard")):
+        link = links[key]
+        if not link["url"]:
+            print(f"{label}: {link['note']}", file=out)
+            continue
+        for how in ("by_name", "by_address"):
+            if link[how]:
+                print(f"{label} {how.replace('_', ' ')}: {link[how]}", file=out)
+    return 0 if links["app"]["url"] or links["dashboard"]["url"] else 1
 
 
 def cmd_doctor(args) -> int:
@@ -397,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dashboard", help="the grower's page (DASHBOARD_HOST:DASHBOARD_PORT)")
     s.add_argument("action", nargs="?", choices=("serve", "set-password"), default="serve")
     s.set_defaults(func=cmd_dashboard)
+    s = sub.add_parser("pair", help="the grower app's pairing QR and this gateway's URLs")
+    s.set_defaults(func=cmd_pair)
     s = sub.add_parser("doctor", help="check every part, in order, each with its fix")
     s.add_argument("--json", action="store_true")
     s.add_argument("--send", action="store_true", help="also send a test notification to each URL")

@@ -178,6 +178,11 @@ class Settings:
     notify_quiet_hours: tuple | None = None               # (start, end) minutes after midnight
     notify_quiet_critical: bool = True                     # CRITICAL still goes in quiet hours
     update_health_window: float = 120.0   # s an update's services must stay up to be kept
+    # -- on the farm's network (CONTRACT §10): mDNS and the grower app's local API -----------
+    mdns: bool = True                   # MDNS: advertise _mash-iot._tcp (and _http._tcp)
+    phone_api: str = "read"             # PHONE_API: off | read | control
+    phone_api_host: str = "0.0.0.0"     # PHONE_API_HOST
+    phone_api_port: int = 5000          # PHONE_API_PORT
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -393,7 +398,28 @@ class Settings:
             notify_quiet_critical=flag("NOTIFY_QUIET_CRITICAL", True),
             update_health_window=float(integer("UPDATE_HEALTH_WINDOW", 120, 1, 3600)),
             **notify,
+            **_lan_settings(text, integer, flag),
         )
+
+
+# -- on the farm's network (MDNS, PHONE_API_*) ----------------------------------------------
+PHONE_API_LEVELS = ("off", "read", "control")
+
+
+def _lan_settings(text, integer, flag) -> dict:
+    level = text("PHONE_API", "read").lower()
+    if level not in PHONE_API_LEVELS:
+        raise ConfigError("PHONE_API", "must be off, read (readings and relay states) or "
+                                       "control (also relays, mode and automation)", level)
+    host = text("PHONE_API_HOST", "0.0.0.0")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError("PHONE_API_HOST", "must be an address to listen on, like 0.0.0.0 "
+                                                "or 127.0.0.1", host) from None
+    return dict(mdns=flag("MDNS", True), phone_api=level, phone_api_host=host,
+                phone_api_port=integer("PHONE_API_PORT", 5000, 0, 65535))
 
 
 # -- notifications (NOTIFY_*) ---------------------------------------------------------------

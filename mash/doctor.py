@@ -40,6 +40,7 @@ from mash.config import ConfigError, Settings, parse_notify_url, redact_url
 from mash.models import Store
 from mash.models.migrations import COMPAT_KEY, SCHEMA_VERSION
 from mash.reader import find_board
+from mash.dashboard import mdns as mdns_state
 from mash.tasks.notify import send_test
 
 LINE_WITHIN = 10.0          # s: a reading line must arrive within this
@@ -86,6 +87,7 @@ class Doctor:
         yield from self.notifications()
         yield from self.processes()
         yield self.device_serial()
+        yield self.mdns()
 
     # -- serial ------------------------------------------------------------------------------
     def serial(self):
@@ -443,6 +445,31 @@ class Doctor:
                 store.close()
         except (DatabaseError, RuntimeError):   # corrupt, not migrated: the store checks say so
             return {}
+
+    def mdns(self) -> Check:
+        """What the dashboard advertises on the farm's network (CONTRACT §10), as it says
+        in the store; never a failure: the dashboard is not essential."""
+        s = self.settings
+        if not s.mdns:
+            return Check("mDNS", None, "off (MDNS=0)")
+        state = None
+        if s.db_path.exists():
+            try:
+                store = Store(s.db_path, readonly=True)
+                try:
+                    state = mdns_state.live(store)
+                finally:
+                    store.close()
+            except (DatabaseError, RuntimeError):
+                return Check("mDNS", None, "not read (see the store checks above)")
+        if not state:
+            return Check("mDNS", None, "not advertised now: the dashboard advertises while it "
+                                       "runs (`mash run`, or `sudo systemctl start mash-dashboard`)")
+        if not state.get("addresses"):
+            return Check("mDNS", None, "nothing advertised: no private IPv4 address, or the "
+                                       "phone API and the dashboard both on loopback")
+        services = ", ".join(f"{x['name']} port {x['port']}" for x in state["services"])
+        return Check("mDNS", True, f"{services} on {state['host']} ({', '.join(state['addresses'])})")
 
     def processes(self):
         s = self.settings

@@ -11,6 +11,8 @@ command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
 # the dashboard's browser tests: Debian's Chromium and its driver (nothing downloads a browser)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# the pairing QR's test decodes it with zbar's zbarimg
+command -v zbarimg >/dev/null 2>&1 || need+=(zbar-tools)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -25,6 +25,11 @@ os.umask(0o077)
 # about the clock trust it; the honest clock's own tests (test_timekeeper.py) use CLOCK_SYNC=auto
 # with a clock source they control, and one runs the real source end to end.
 os.environ["CLOCK_SYNC"] = "trust"
+# Every dashboard a test starts would otherwise advertise by mDNS on this machine's network and
+# serve the grower app's API on 0.0.0.0:5000: off, unless a test asks (those run in network
+# namespaces of their own, tests/services.py LanPair).
+os.environ["MDNS"] = "0"
+os.environ["PHONE_API"] = "off"
 # mash.tasks builds its queue from MASH_DATA_DIR at import, so this comes before any import of
 # the project: the queue stays out of the checkout.
 os.environ["MASH_DATA_DIR"] = _session_dir = tempfile.mkdtemp(prefix="mash-tests-")

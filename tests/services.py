@@ -537,3 +537,81 @@ def browser(profile: Path):
                 "--window-size=1280,2400"):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+# -- the farm's network, in network namespaces --------------------------------------------------
+class LanPair:
+    """Two network namespaces of this run, ``gw`` (the gateway) and ``ph`` (a phone), joined
+    by a veth pair: on it, ``10.77.0.1/24`` and ``10.77.0.2/24`` (a private subnet), and
+    ``100.64.77.1/24`` and ``100.64.77.2/24`` (carrier-grade NAT space: on the link, but not
+    private). Multicast stays inside them. Needs root (``ip netns``); ``start`` raises
+    ``OSError`` with ip's own words when namespaces cannot be made here."""
+    GW, PHONE = "10.77.0.1", "10.77.0.2"
+    GW_SHARED, PHONE_SHARED = "100.64.77.1", "100.64.77.2"
+
+    def __init__(self):
+        tag = os.urandom(4).hex()
+        self.gw, self.ph = f"mash-gw-{tag}", f"mash-ph-{tag}"
+        self.veth_gw, self.veth_ph = f"vg{tag}", f"vp{tag}"
+        self.made: list[str] = []
+
+    @staticmethod
+    def ip(*args, ns: str | None = None) -> None:
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        if done.returncode != 0:
+            raise OSError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+
+    def start(self) -> "LanPair":
+        if shutil.which("ip") is None:
+            raise OSError("the ip command (iproute2) is not installed")
+        try:
+            for ns in (self.gw, self.ph):
+                self.ip("netns", "add", ns)
+                self.made.append(ns)
+                self.ip("link", "set", "lo", "up", ns=ns)
+            self.ip("link", "add", self.veth_gw, "type", "veth", "peer", "name", self.veth_ph)
+            self.ip("link", "set", self.veth_gw, "netns", self.gw)
+            self.ip("link", "set", self.veth_ph, "netns", self.ph)
+            for ns, dev, addrs in ((self.gw, self.veth_gw, (self.GW, self.GW_SHARED)),
+                                   (self.ph, self.veth_ph, (self.PHONE, self.PHONE_SHARED))):
+                for a in addrs:
+                    self.ip("addr", "add", f"{a}/24", "dev", dev, ns=ns)
+                self.ip("link", "set", dev, "up", ns=ns)
+        except OSError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for ns in self.made:                  # deleting a namespace deletes its veth end too
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=20)
+        self.made = []
+
+    def popen(self, ns: str, args: list[str], env: dict, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args],
+                                env={**env, "PYTHONPATH": str(ROOT)}, **kw)
+
+    def run(self, ns: str, args: list[str], env: dict | None = None, timeout: float = 30):
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, *args],
+                              env={**(env or os.environ), "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def wait_port(self, ns: str, host: str, port: int, timeout: float = 20) -> None:
+        code = ("import socket,sys,time\n"
+                f"end=time.monotonic()+{timeout}\n"
+                "while time.monotonic()<end:\n"
+                f"    try: socket.create_connection(({host!r},{port}),0.3).close(); sys.exit(0)\n"
+                "    except OSError: time.sleep(0.1)\n"
+                "sys.exit(1)\n")
+        if self.run(ns, ["-c", code], timeout=timeout + 10).returncode != 0:
+            raise TimeoutError(f"nothing listening on {host}:{port} in {ns}")
+
+
+def lan_pair_or_skip():
+    """A started LanPair, or pytest.skip with ip's reason when namespaces cannot be made."""
+    import pytest
+    try:
+        return LanPair().start()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot create network namespaces here (needs root and iproute2): {exc}")

@@ -49,7 +49,12 @@ def test_doctor_passes_on_a_healthy_stack(stack):
             "mqtt subscribe", "firebase read", "reader", "worker", "backlog", "device serial"} <= set(names)
     holder = next(c for c in report["checks"] if c["check"] == "serial holder")
     assert "held by the reader" in holder["detail"]
-    assert all(c["ok"] is True for c in report["checks"]), "every part configured and checked"
+    # mDNS is off in the tests' stacks (tests/conftest.py), and never a failure; its line
+    # while the dashboard advertises is checked in tests/test_mdns.py
+    mdns = next(c for c in report["checks"] if c["check"] == "mDNS")
+    assert mdns["ok"] is None and mdns["detail"] == "off (MDNS=0)"
+    assert all(c["ok"] is True for c in report["checks"] if c["check"] != "mDNS"), \
+        "every part configured and checked"
 
 
 @pytest.mark.parametrize("case, env, expected", [

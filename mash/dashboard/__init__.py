@@ -21,6 +21,7 @@ import datetime as dt
 import hmac
 import http.client
 import logging
+import os
 import signal
 import sys
 import sqlite3
@@ -34,7 +35,7 @@ from mash.clock import iso, utcnow
 from mash.config import ConfigError, Settings, is_loopback
 from mash.contract import ACTUATORS, ROOMS
 from mash import sdnotify
-from mash.dashboard import actions, auth, charts, data
+from mash.dashboard import actions, auth, charts, data, lan, mdns, pairing, phone
 from mash.logs import OncePerKind, start_process
 from mash.models import Store
 
@@ -200,6 +201,46 @@ def create_app(settings: Settings, store: Store | None = None,
                                rooms=ROOMS, actuators=[(a, NAMES.get(a, a)) for a in ACTUATORS],
                                metrics=data.METRICS, password=auth.has_password(store))
 
+    # -- pairing a phone (CONTRACT §10) ----------------------------------------------------------
+    def advertising() -> bool:
+        """Our own advertiser (this process) answers for the .local name now."""
+        state = mdns.live(reads) or {}
+        return bool(state.get("pid") == os.getpid() and state.get("addresses"))
+
+    def pairing_view() -> dict:
+        addresses = lan.lan_ipv4()
+        port = app.config.get("DASHBOARD_PORT") or settings.dashboard_port
+        links = pairing.links(settings, advertising(), addresses, dashboard_port=port,
+                              phone_port=app.config.get("PHONE_PORT"))
+        if settings.phone_api != "off" and app.config.get("PHONE_PORT") is None:
+            links["app"] = {"url": None, "by_name": None, "by_address": None,
+                            "note": "not running: its port could not be had (see the log)"}
+        payload = None
+        if links["app"]["url"]:                 # the app's QR carries the address, always
+            payload = pairing.app_payload(settings, lan.url_host(
+                settings.device_id, False, settings.phone_api_host, addresses),
+                app.config.get("PHONE_PORT"))
+        return {"addresses": addresses, "advertised": advertising(), "links": links,
+                "payload": payload, "host": lan.host_name(settings.device_id)}
+
+    @app.get("/pair")
+    def pair_page():
+        if not logged_in():
+            return redirect(url_for("login_page"))
+        return render_template("pair.html", csrf=csrf_token(), device=settings.device_id,
+                               phone_api=settings.phone_api, **pairing_view())
+
+    @app.get("/qr/<which>.svg")
+    def qr_image(which):
+        if not logged_in():
+            return Response("log in first", 403)
+        view = pairing_view()
+        text = view["payload"] if which == "app" else \
+            view["links"]["dashboard"]["url"] if which == "dashboard" else None
+        if not text:
+            return Response("nothing to pair with", 404)
+        return Response(pairing.svg(text), mimetype="image/svg+xml")
+
     # -- data --------------------------------------------------------------------------------
     @app.get("/api/state")
     def state():
@@ -295,17 +336,30 @@ def serve(settings: Settings) -> int:
     """Serve until SIGTERM or Ctrl-C."""
     store = Store(settings.db_path)
     check_exposure(settings, store)
-    app = create_app(settings, store)
+    reads = Store(store.path, readonly=True)
+    app = create_app(settings, store, reads)
     # proxy headers reach the app untouched: their presence is what says "through a proxy"
     # (auth.direct_local); the app never takes an address or scheme from them
     server = create_server(app, host=settings.dashboard_host, port=settings.dashboard_port,
                            threads=4, ident="mash", clear_untrusted_proxy_headers=False)
+    phone_server = start_phone_api(settings, store, reads)
+    # waitress gives its port as text
+    app.config["PHONE_PORT"] = int(phone_server.effective_port) if phone_server else None
+    app.config["DASHBOARD_PORT"] = int(server.effective_port)
+    advertiser = None
+    if settings.mdns:
+        advertiser = mdns.Advertiser(settings, store, dashboard_port=app.config["DASHBOARD_PORT"],
+                                     phone_port=app.config["PHONE_PORT"]).start()
+    else:
+        log.info("mDNS: off (MDNS=0)")
     stopped = threading.Event()
 
     def stop(*_):
         stopped.set()
         sdnotify.stopping()
         server.close()
+        if phone_server is not None:
+            phone_server.close()
     signal.signal(signal.SIGTERM, stop)
     log.info("dashboard on http://%s:%s", settings.dashboard_host, server.effective_port)
     watchdog = sdnotify.Watchdog()
@@ -319,8 +373,40 @@ def serve(settings: Settings) -> int:
         server.run()
     except (KeyboardInterrupt, OSError, ValueError):
         pass                                         # closed by the signal handler
+    if phone_server is not None:
+        phone_server.close()
+    if advertiser is not None:
+        advertiser.stop()                            # goodbyes: browsers drop us at once
     log.info("dashboard stopped")
     return 0
+
+
+def start_phone_api(settings: Settings, store: Store, reads: Store):
+    """The grower app's API (``phone``) on its own waitress server in a thread of this
+    process, or None when ``PHONE_API=off`` or its port cannot be had (the dashboard goes on
+    without it, and says why)."""
+    if settings.phone_api == "off":
+        log.info("phone API: off (PHONE_API=off)")
+        return None
+    try:
+        server = create_server(phone.create_app(settings, store, reads),
+                               host=settings.phone_api_host, port=settings.phone_api_port,
+                               threads=2, ident="mash", clear_untrusted_proxy_headers=False)
+    except OSError as exc:
+        log.error("phone API: cannot listen on %s:%s (%s): the grower app will not find "
+                  "this gateway", settings.phone_api_host, settings.phone_api_port, exc.strerror)
+        return None
+    threading.Thread(target=_run_quietly, args=(server,), name="phone-api", daemon=True).start()
+    log.info("phone API (%s) on http://%s:%s/api", settings.phone_api, settings.phone_api_host,
+             server.effective_port)
+    return server
+
+
+def _run_quietly(server) -> None:
+    try:
+        server.run()
+    except (OSError, ValueError):
+        pass                                         # closed at stop
 
 
 def _watch_serving(watchdog: sdnotify.Watchdog, host: str, port: int, stopped) -> None:
