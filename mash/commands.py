@@ -8,7 +8,7 @@ the writing.
 from __future__ import annotations
 
 import datetime as dt
-
+import hashlib
 import json
 import re
 from urllib.parse import urlsplit
@@ -19,8 +19,8 @@ from mash.config import is_loopback
 from mash.contract import ROOM_MODES, ROOMS
 from mash.rules import (DEFAULT_CONTROL, ConfigError, merge_control, merge_thresholds,
                         overlay_control)
-from mash.contract import (COMMANDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID, MAX_PARSE_BYTES,
-                           UPDATE_PARAMETERS)
+from mash.contract import (APPS_ACTUATORS, COMMANDS, MASH_COMMANDS, MAX_COMMAND_BYTES,
+                           MAX_COMMAND_ID, MAX_PARSE_BYTES, UPDATE_PARAMETERS)
 
 INTERVAL_SETTINGS = ("sync_interval", "command_poll_interval", "heartbeat_interval")
 CONFIGURABLE = ("thresholds", "mode", "control") + INTERVAL_SETTINGS
@@ -63,26 +63,33 @@ def parse_payload(raw: bytes) -> tuple[dict | None, str | None, str]:
     return cmd, None, ""
 
 
-def validate(cmd: dict, device_id: str, size: int,
+def validate(cmd: dict, device_id: str | tuple[str, ...], size: int,
              now: dt.datetime | None | str = "system") -> tuple[str, dict, object]:
     """``(command, parameters, expires_at)`` of a command object, or raise Rejected.
+
+    ``device_id``: the names this device answers to (the serial, and under the deployed MASH
+    backend its own id for the device). The backend's command names are mapped onto ours
+    (``from_mash``).
 
     ``now``: the true time (naive UTC) that expiry is judged by; the default is this
     machine's clock, None means nobody knows it (a command with ``expiresAt`` is then
     refused: running a stale one is worse than asking again)."""
     if size > MAX_COMMAND_BYTES:
         raise Rejected(f"oversize: {size} bytes (at most {MAX_COMMAND_BYTES})")
+    names = (device_id,) if isinstance(device_id, str) else tuple(device_id)
     target = cmd.get("deviceId")
-    if target is not None and target != device_id:
-        raise Rejected(f"addressed to device {str(target)[:64]!r}, not {device_id}")
+    if target is not None and target not in names:
+        raise Rejected(f"addressed to device {str(target)[:64]!r}, not {names[0]}")
     command = cmd.get("command")
-    if not isinstance(command, str) or command not in COMMANDS:
-        raise Rejected(f"unknown command {str(command)[:64]!r} (known: {', '.join(COMMANDS)})")
     params = cmd.get("parameters", {})
     if params is None:
         params = {}
     if not isinstance(params, dict):
         raise Rejected("malformed: parameters must be an object")
+    if isinstance(command, str) and command in MASH_COMMANDS and command not in COMMANDS:
+        command, params = from_mash(command, params)
+    if not isinstance(command, str) or command not in COMMANDS:
+        raise Rejected(f"unknown command {str(command)[:64]!r} (known: {', '.join(COMMANDS)})")
     expires = None
     if cmd.get("expiresAt") is not None:
         expires = parse_iso(cmd["expiresAt"])
@@ -106,6 +113,53 @@ def validate(cmd: dict, device_id: str, size: int,
     elif command == "RESTART":
         params = {}
     return command, params, expires
+
+
+def from_mash(command: str, params: dict) -> tuple[str, dict]:
+    """The deployed MASH backend's command (CONTRACT §9) as ours, or Rejected:
+
+    - ``START``/``STOP`` ``{"actuator"}``: that relay ON/OFF. The actuator is a firmware name
+      (``MIST_MAKER``, any case) or the apps' name with ``room`` (``{"actuator":"mist_maker",
+      "room":"fruiting"}``); other parameters are ignored.
+    - ``UPDATE_FIRMWARE {version, url, checksum}``: ``update`` (the checksum is the sha256).
+    - ``RESET``, ``CALIBRATE``: not supported by this gateway (acknowledged failed).
+    (``RESTART``, ``CONFIGURE`` and ``REQUEST_STATUS`` are ours already.)"""
+    if command in ("START", "STOP"):
+        name = params.get("actuator")
+        if not isinstance(name, str) or not name:
+            raise Rejected(f"malformed: {command} needs parameters.actuator")
+        actuator = name.upper()
+        if (params.get("room"), name.lower()) in APPS_ACTUATORS:
+            actuator = APPS_ACTUATORS[(params["room"], name.lower())]
+        return "set_actuator", {"actuator": actuator, "state": "ON" if command == "START" else "OFF"}
+    if command == "UPDATE_FIRMWARE":
+        unknown = set(params) - {"version", "url", "checksum"}
+        if unknown:
+            raise Rejected(f"malformed: unknown parameter {sorted(unknown)[0]!r} "
+                           "(parameters: version, url, checksum)")
+        return "update", {"version": params.get("version"), "url": params.get("url"),
+                          "sha256": params.get("checksum")}
+    raise Rejected(f"not supported: {command} has no meaning on this gateway yet")
+
+
+def mash_mqtt_command(kind: str, topic: str, raw: bytes) -> tuple[dict | None, str | None, str]:
+    """A message on one of the deployed MASH backend's device topics (CONTRACT §9) as a
+    command, like ``parse_payload``: ``kind`` ``command`` (``{"command","parameters",
+    "timestamp"}``), ``config`` (``{"configuration"}``: a CONFIGURE) or ``request_status``.
+    They carry no id, so the id is derived from the topic and the exact bytes: a redelivery
+    is the same command (the ledger runs it once); the backend stamps each new one with its
+    time, so two real ones differ."""
+    cmd, bad, detail = parse_payload(raw)
+    if cmd is None:
+        return None, bad, detail
+    command_id = "mq-" + hashlib.sha256(topic.encode() + b"\0" + raw).hexdigest()[:32]
+    if kind == "config":
+        return {"id": command_id, "command": "CONFIGURE",
+                "parameters": cmd.get("configuration")}, None, ""
+    if kind == "request_status":
+        return {"id": command_id, "command": "REQUEST_STATUS"}, None, ""
+    return {"id": command_id, "command": cmd.get("command"),
+            "parameters": cmd.get("parameters")}, None, ""
 
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")

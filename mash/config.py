@@ -30,6 +30,10 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # the check digit). Another DEVICE_ID still works; the log and ``mash doctor`` warn.
 MASH_SERIAL_RE = re.compile(r"^MASH-[ABR]\d+-[A-Z]{3}\d{2}-[0-9A-F]{6}$")
 FIREBASE_LAYOUTS = ("apps", "guide", "both")      # FIREBASE_LAYOUT: CONTRACT §8, §4, both
+BACKEND_PROFILES = ("guide", "mash")              # BACKEND_PROFILE: CONTRACT §2, §9
+# BACKEND_API_KEY's default: the deployed MASH backend lets any non-empty X-API-Key past its
+# CSRF check and validates none (CONTRACT §9), so a fixed value works until it does.
+DEFAULT_API_KEY = "mash-gateway"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -140,6 +144,8 @@ class Settings:
     backend_allow_insecure: bool = False
     backend_timeout: float = 10.0
     backend_max_rpm: int = 60          # BACKEND_MAX_RPM: requests a minute in all (mash.pacing)
+    backend_profile: str = "guide"     # BACKEND_PROFILE: guide (CONTRACT §2) | mash (§9)
+    backend_api_key: str = field(default=DEFAULT_API_KEY, repr=False)    # BACKEND_API_KEY
     mqtt_broker: str | None = None
     mqtt_port: int = 8883
     mqtt_username: str | None = None
@@ -283,6 +289,15 @@ class Settings:
             raise ConfigError("BACKEND_TIMEOUT", "must be between 0 and 300 seconds", timeout)
 
         backend_max_rpm = integer("BACKEND_MAX_RPM", cls.backend_max_rpm, 1, 6000)
+        backend_profile = text("BACKEND_PROFILE", cls.backend_profile).lower()
+        if backend_profile not in BACKEND_PROFILES:
+            raise ConfigError("BACKEND_PROFILE", "must be guide (the integration guide's API) or "
+                              "mash (the deployed MASH backend)", backend_profile)
+        backend_api_key = text("BACKEND_API_KEY", DEFAULT_API_KEY)
+        if not backend_api_key or len(backend_api_key) > 256 or any(
+                not 0x21 <= ord(c) <= 0x7e for c in backend_api_key):
+            raise ConfigError("BACKEND_API_KEY", "must be 1 to 256 printable ASCII characters "
+                              "without spaces (it is an HTTP header)", "<hidden>")
 
         qos = integer("MQTT_QOS", 1, 0, 2)
         if qos == 2:
@@ -362,6 +377,8 @@ class Settings:
             backend_allow_insecure=insecure,
             backend_timeout=backend_timeout,
             backend_max_rpm=backend_max_rpm,
+            backend_profile=backend_profile,
+            backend_api_key=backend_api_key,
             mqtt_broker=mqtt_broker,
             mqtt_port=integer("MQTT_PORT", 8883, 1, 65535),
             mqtt_username=text("MQTT_USERNAME"),

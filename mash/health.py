@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
+
+import ifaddr              # zeroconf's dependency: the interfaces' addresses, no subprocess
 
 from mash import __version__
 
@@ -99,3 +102,25 @@ def snapshot(data_dir: Path, started: float, now: float | None = None,
         "under_voltage": (None if throttled_flags is None else
                           bool(throttled_flags & (UNDER_VOLTAGE_NOW | UNDER_VOLTAGE_SINCE_BOOT))),
     }
+
+
+def network_identity(host: str | None, root: Path = Path("/")) -> tuple[str | None, str | None]:
+    """``(ip, mac)`` of the interface this machine reaches ``host`` through: the kernel's
+    route lookup (a UDP socket "connected" to it sends nothing) and the interface's address
+    from ``/sys/class/net``. None for what cannot be found (no route, no such file)."""
+    if not host:
+        return None, None
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            ip = s.getsockname()[0]
+    except OSError:
+        return None, None
+    mac = None
+    for adapter in ifaddr.get_adapters():
+        if any((a.ip[0] if isinstance(a.ip, tuple) else a.ip) == ip for a in adapter.ips):
+            raw = _read(root / "sys/class/net" / adapter.name / "address")
+            mac = raw.strip().upper() if raw and raw.strip() not in ("", "00:00:00:00:00:00") else None
+            break
+    return ip, mac

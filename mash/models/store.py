@@ -442,6 +442,31 @@ class Store(LedgerMixin):
             cond &= S.id <= upto
         return list(S.select().where(cond).order_by(S.id).limit(limit))
 
+    def room_readings_after(self, room: str, after_id: int, limit: int,
+                            upto: int | None = None) -> list:
+        """One room's readings past ``after_id`` (up to ``upto``), oldest first, for a sink
+        that takes them per sensor (the deployed MASH backend); none held for the clock,
+        none local only, none refused."""
+        S = self.m.SensorData
+        cond = (S.room == room) & (S.id > after_id) & (S.synced != LOCAL) & (S.synced != REJECTED)
+        upto = self._held(upto)
+        if upto is not None:
+            cond &= S.id <= upto
+        return list(S.select().where(cond).order_by(S.id).limit(limit))
+
+    @writes
+    def mark_room_synced(self, room: str, upto: int) -> int:
+        """Every pending reading of ``room`` up to ``upto`` is accepted (each of its sensors'
+        progress has passed it): marked, counted (``sync_uploaded``), the backend's progress
+        marker moved, in one transaction; returns how many changed."""
+        S = self.m.SensorData
+        with self.transaction():
+            n = (S.update(synced=SYNCED, synced_at=utcnow())
+                 .where((S.room == room) & (S.id <= upto) & (S.synced == PENDING)).execute())
+            self.incr("sync_uploaded", n)
+            self._advance_backend_progress()
+        return n
+
     def last_reading_id(self) -> int:
         """The newest reading's row id, or 0 for an empty store."""
         return self.m.SensorData.select(fn.MAX(self.m.SensorData.id)).scalar() or 0

@@ -17,6 +17,9 @@ Every failure has a ``kind`` that says what the sweep does with what it was send
 - ``conflict``: 409 (a registration: the device is already ours).
 - ``refused``: any other 4xx. The request is wrong: record why, do not retry blindly.
 - ``off``: the sink is not configured. What it is owed waits until it is.
+- ``unregistered``: the backend does not know this device and we may not create it (the
+  deployed MASH backend: an operator creates the device row first). Everything stays owed;
+  registration is tried again slowly.
 
 The classes keep the names the rest of the code and the guide's examples use:
 ``RetryableError`` (retry later: offline, rate_limited, auth), ``PermanentError`` (the
@@ -34,9 +37,10 @@ NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 REFUSED = "refused"
 OFF = "off"
+UNREGISTERED = "unregistered"
 
 # The kinds after which what was sent stays owed as it is: the sink, not the data, failed.
-KEEP_OWED = (OFFLINE, RATE_LIMITED, AUTH, OFF)
+KEEP_OWED = (OFFLINE, RATE_LIMITED, AUTH, OFF, UNREGISTERED)
 
 
 def kind_for_status(status: int | None) -> str:
@@ -72,6 +76,12 @@ class SinkError(Exception):
     """A sink failed; ``kind`` (above) says what to do with what was being sent."""
     kind = OFFLINE
 
+    # (method, path) of the request that failed, and whether it may have reached the server
+    # (no answer to a request that left: a read timeout, a dropped connection); set by the
+    # backend client, for a sink that does not dedupe (the deployed MASH backend)
+    request: tuple[str, str] | None = None
+    maybe_delivered = False
+
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
@@ -101,6 +111,12 @@ class AuthError(RetryableError):
     kind = AUTH
 
 
+class DeviceUnknown(RetryableError):
+    """The backend has no device with our serial (or answered with another one's) and we
+    cannot create it: a person must (``retry_after``: when to ask again)."""
+    kind = UNREGISTERED
+
+
 class PermanentError(BackendError):
     """The request is wrong; sending it again unchanged will fail again."""
     kind = REFUSED
@@ -120,6 +136,11 @@ class NotFound(PermanentError):
 
 class Conflict(PermanentError):
     kind = CONFLICT
+
+
+class NotAllowed(PermanentError):
+    """The account may not do this (a 403 to something only some roles may do, such as
+    creating a sensor): not our credentials failing, a person must grant it or do it."""
 
 
 class NotConfigured(BackendError):

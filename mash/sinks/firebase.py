@@ -20,7 +20,7 @@ from mash import __version__, ids
 from mash.clock import from_epoch, iso, utcnow
 from mash.sinks.errors import SinkError, kind_for_status
 from mash.config import MASH_SERIAL_RE, Settings
-from mash.contract import ACTUATORS
+from mash.contract import ACTUATORS, APPS_ACTUATORS
 
 log = logging.getLogger("mash.firebase")
 
@@ -50,13 +50,6 @@ APPS_PATHS = {
     "command_queue": "devices/{serial}/command_queue",
 }
 GUIDE_PATHS = {"reading": "sensor_data/{room}/{key}", "config": "devices/{serial}/config"}
-# (room, the apps' name) -> the firmware's actuator
-APPS_ACTUATORS = {
-    ("fruiting", "mist_maker"): "MIST_MAKER", ("fruiting", "humidifier_fan"): "HUMIDIFIER_FAN",
-    ("fruiting", "exhaust_fan"): "FRUITING_EXHAUST_FAN",
-    ("fruiting", "intake_fan"): "FRUITING_INTAKE_FAN", ("fruiting", "led"): "FRUITING_LED",
-    ("spawning", "exhaust_fan"): "SPAWNING_EXHAUST_FAN", ("device", "exhaust_fan"): "DEVICE_EXHAUST_FAN",
-}
 APPS_NAMES = {actuator: key for key, actuator in APPS_ACTUATORS.items()}
 assert set(APPS_NAMES) == set(ACTUATORS)
 

@@ -136,6 +136,9 @@ class MQTTClient:
         self.topic = lambda name: f"devices/{self.device_id}/{name}"
         self._callback = None
         self._raw_callback = False
+        # the deployed MASH backend's topics for this device (CONTRACT §9): topic -> kind
+        self.backend_topics: dict[str, str] = {}
+        self._backend_callback = None
         self._connected = threading.Event()
         self._lock = threading.RLock()
         self._pending: dict[int, callable] = {}    # mid -> on_confirm
@@ -181,6 +184,8 @@ class MQTTClient:
             return
         self.last_error = self.last_error_kind = None
         client.subscribe(self.topic("commands"), qos=1)
+        for topic in list(self.backend_topics):
+            client.subscribe(topic, qos=1)
         log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
         self.publish_status("online")
         self._connected.set()       # after "online": a later "offline" must not overtake it
@@ -213,6 +218,14 @@ class MQTTClient:
             log.exception("MQTT on_confirm failed")
 
     def _on_message(self, client, userdata, msg):
+        kind = self.backend_topics.get(msg.topic)
+        if kind is not None:
+            if self._backend_callback is not None:
+                try:
+                    self._backend_callback(kind, msg.topic, msg.payload)
+                except Exception:
+                    log.exception("backend topic callback failed")
+            return
         if msg.topic != self.topic("commands"):
             self.rejected += 1
             log.warning("ignoring a message on %s: not this device's command topic", msg.topic)
@@ -259,19 +272,42 @@ class MQTTClient:
         validate (and count) malformed payloads themselves."""
         self._callback, self._raw_callback = fn, raw
 
+    def watch_backend_device(self, device: str, callback) -> None:
+        """Also listen on the deployed MASH backend's topics for its id of this device
+        (``devices/{id}/command``, ``/config``, ``/request/status``): ``callback(kind, topic,
+        payload_bytes)`` with kind ``command``, ``config`` or ``request_status``, from
+        paho's thread. Subscribed now when connected, and on every connection."""
+        topics = {f"devices/{device}/command": "command", f"devices/{device}/config": "config",
+                  f"devices/{device}/request/status": "request_status"}
+        self._backend_callback = callback
+        if topics == self.backend_topics:
+            return
+        old = [t for t in self.backend_topics if t not in topics]
+        self.backend_topics = topics
+        if self.enabled and self.is_alive():
+            if old:
+                self.client.unsubscribe(old)
+            for topic in topics:
+                self.client.subscribe(topic, qos=1)
+
     def publish(self, name: str, payload: dict, retain: bool = False, on_confirm=None,
                 qos: int | None = None) -> bool:
         """Publish on ``devices/<id>/<name>``; ``on_confirm`` runs on the broker's ack."""
+        return self.publish_to(self.topic(name), payload, retain, on_confirm, qos)
+
+    def publish_to(self, topic: str, payload: dict, retain: bool = False, on_confirm=None,
+                   qos: int | None = None) -> bool:
+        """Publish on any topic (the deployed backend's ``devices/{its id}/...`` too)."""
         if not self.enabled:
             return False
         body = json.dumps(payload, separators=(",", ":"))
         # Never call into paho while holding our lock: paho runs on_publish under its own
         # lock, and the two orders would deadlock. A PUBACK that beats the registration below
         # is parked in _confirmed_early.
-        info = self.client.publish(self.topic(name), body, qos=self.qos if qos is None else qos,
+        info = self.client.publish(topic, body, qos=self.qos if qos is None else qos,
                                    retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.debug("MQTT publish on %s failed: %s", name, mqtt.error_string(info.rc))
+            log.debug("MQTT publish on %s failed: %s", topic, mqtt.error_string(info.rc))
             return False
         confirm = on_confirm or _nothing
         with self._lock:

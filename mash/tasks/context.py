@@ -20,6 +20,7 @@ from mash.config import Settings
 from mash.control import effective_modes
 from mash.models import Store
 from mash.tasks.notify import Notifier, publish_routes
+from mash.tasks.sync import IDENTITY
 
 log = logging.getLogger("mash.worker")
 
@@ -49,6 +50,14 @@ class WorkerContext:
         self.notifier = Notifier(settings.notify_sinks) if settings.notify_urls else None
         publish_routes(self.store, settings)
         self.registered = False
+        # the deployed MASH backend's id for this device (CONTRACT §9), known from the last
+        # registration so its MQTT topics are heard before the backend answers again
+        self.backend_device: str | None = None
+        self.backend_topic_callback = None       # fn(kind, topic, payload), set by the service
+        if self.backend is not None and self.backend.profile.name == "mash":
+            known = self.store.meta_get(IDENTITY) or {}
+            if known.get("state") == "registered" and known.get("serial") == settings.device_id:
+                self.backend_device = known.get("cuid")
         self.clock = clock_source or ClockSource(trust=settings.clock_sync == "trust")
         self._clock_fact_boot: str | None = None
         self.device_state = "ONLINE"          # what the backend last heard (status.heartbeat)
@@ -60,6 +69,12 @@ class WorkerContext:
         self.woken: set[str] = set()
         self.wakeup = threading.Event()
         self.deliver_again = threading.Event()
+
+    def on_registered(self, device: str) -> None:
+        """The deployed backend answered with its id for us: listen on its topics."""
+        self.backend_device = device
+        if self.mqtt is not None and self.backend_topic_callback is not None:
+            self.mqtt.watch_backend_device(device, self.backend_topic_callback)
 
     def reload_configuration(self) -> None:
         """Intervals from settings, overridden by a CONFIGURE stored in the store."""

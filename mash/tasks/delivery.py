@@ -95,6 +95,16 @@ def _to_backend(ctx) -> int:
     if ctx.backend is None:
         return 0                # owed until the backend is configured
     owed = store.owed("backend")
+    profile = ctx.backend.profile
+    takes = {ACK: profile.acks, ALERT: profile.alerts}
+    if not all(takes.values()):
+        # the deployed MASH backend has no route for outcomes or alerts (CONTRACT §9): they
+        # are settled as such (the ledger, MQTT and Firebase carry them), not left owed
+        skipped = [(item.id, f"no {item.kind} route on this backend") for item in owed
+                   if not takes.get(item.kind, True)]
+        if skipped:
+            store.delivered_each(skipped)
+            owed = [item for item in owed if takes.get(item.kind, True)]
     marks = []            # recorded together at the end of the pass: one commit, not one each
     reregistered = False
     try:

@@ -20,7 +20,8 @@ from mash import releases
 from mash.clock import from_epoch
 from mash.config import home
 from mash.sinks.firebase import FirebaseError, QueueItemRejected, command_from_queue
-from mash.commands import Rejected, configure, parse_payload, usable_id, validate
+from mash.commands import (Rejected, configure, mash_mqtt_command, parse_payload, usable_id,
+                           validate)
 from mash.logs import OncePerKind
 from mash.models import FAILED, RUNNING
 from mash.tasks.loop import BackgroundLoop
@@ -51,7 +52,8 @@ def intake(ctx, cmd: dict, source: str, size: int | None = None) -> str:
     try:
         offset = ctx.clock_offset()
         now = None if offset is None else from_epoch(ctx.clock.wall() + offset)
-        command, params, expires = validate(cmd, ctx.settings.device_id, size, now=now)
+        names = (ctx.settings.device_id,) + ((ctx.backend_device,) if ctx.backend_device else ())
+        command, params, expires = validate(cmd, names, size, now=now)
         if expires is not None:      # in this machine's clock, which the reader compares with
             expires -= dt.timedelta(seconds=offset)
     except Rejected as exc:
@@ -203,6 +205,10 @@ class MQTTIntake(BackgroundLoop):
             log.warning("command intake full (%d waiting): dropping a command payload",
                         self.payloads.qsize())
 
+    def offer_backend(self, kind: str, topic: str, raw: bytes) -> None:
+        """A message on one of the deployed MASH backend's topics for this device."""
+        self.offer((kind, topic, raw))
+
     def run_loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -210,7 +216,11 @@ class MQTTIntake(BackgroundLoop):
             except queue.Empty:
                 continue
             try:
-                cmd, bad, detail = parse_payload(raw)
+                if isinstance(raw, tuple):
+                    kind, topic, raw = raw
+                    cmd, bad, detail = mash_mqtt_command(kind, topic, raw)
+                else:
+                    cmd, bad, detail = parse_payload(raw)
                 if cmd is None:
                     count_unusable(self.ctx.store, bad, detail)
                 else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from itertools import groupby
 
-from mash.clock import to_epoch
+from mash.clock import iso, to_epoch
 from mash.sinks.firebase import FirebaseError, live_updates
 from mash.contract import ROOMS
 from mash.control import effective_modes
@@ -87,6 +87,12 @@ class LiveFeed(BackgroundLoop):
                     for r in line}
             data["timestamp"] = to_epoch(ts)
             self.ctx.mqtt.publish_sensor_data(data, reading_id=self.ctx.store.reading_id(line[0].id))
+            device = self.ctx.backend_device
+            if device is not None:      # the deployed backend relays it to the apps' socket
+                self.ctx.mqtt.publish_to(f"devices/{device}/data", {
+                    "serialNumber": self.ctx.settings.device_id, "timestamp": iso(ts),
+                    **{r.room: {"temperature": r.temperature, "humidity": r.humidity,
+                                "co2": r.co2} for r in line}}, qos=0)
             self.published += 1
 
 

@@ -28,7 +28,7 @@ def pull_configuration(ctx) -> dict:
     """Read every configured source and apply what changed there; returns
     ``{source: "applied" | "unchanged" | "empty" | "refused: why"}``."""
     outcome = {}
-    if ctx.backend is not None:
+    if ctx.backend is not None and ctx.backend.profile.config_pull:
         ensure_registered(ctx)
         outcome["backend"] = apply_pulled(ctx, "backend",
                                           backend_call(ctx, ctx.backend.get_configuration))

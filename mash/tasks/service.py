@@ -36,6 +36,10 @@ class WorkerService:
         if ctx.mqtt is not None:
             self.intake.start()
             ctx.mqtt.set_command_callback(self.intake.offer, raw=True)
+            if ctx.backend is not None and ctx.backend.profile.name == "mash":
+                ctx.backend_topic_callback = self.intake.offer_backend
+                if ctx.backend_device is not None:
+                    ctx.mqtt.watch_backend_device(ctx.backend_device, self.intake.offer_backend)
             ctx.mqtt.status_extra = ctx.stats
             ctx.mqtt.on_state_change = self._mqtt_state
             ctx.mqtt.connect(timeout=0)

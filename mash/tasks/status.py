@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 
 from mash.alerts import AlertEvent
-from mash.clock import parse_iso, utcnow
+from mash.clock import iso, parse_iso, utcnow
 from mash.sinks.errors import PermanentError, RetryableError
 from mash.sinks.firebase import FirebaseError, status_object
 from mash.tasks.sync import backend_call, ensure_registered
@@ -51,6 +51,15 @@ def _device_alert(ctx, state: str, why: str | None) -> None:
         ctx.wake("deliver_now")
 
 
+def health_figures(ctx, stats: dict) -> dict:
+    """The health snapshot (``stats["health"]``) with what the deployed backend's health
+    record also has: the last round trip to it (``network_latency_ms``) and ``error_count``,
+    the conditions wrong right now (active alerts)."""
+    latency = getattr(ctx.backend, "last_latency_ms", None)
+    return {**stats.get("health", {}), "network_latency_ms": latency,
+            "error_count": len(ctx.store.active_alert_keys())}
+
+
 def heartbeat(ctx) -> dict:
     """Status to every sink; a sink that fails is recorded, never raised (its next beat is
     the retry)."""
@@ -69,10 +78,16 @@ def heartbeat(ctx) -> dict:
             ensure_registered(ctx)
             backend_call(ctx, ctx.backend.update_status, state,
                          {**stats, **({"error": why} if why else {})})
+            if ctx.backend.profile.name == "mash":
+                backend_call(ctx, ctx.backend.post_health, health_figures(ctx, stats))
         except (RetryableError, PermanentError) as exc:
             log.debug("status to backend failed: %s", exc)
     if ctx.mqtt is not None and ctx.mqtt.is_alive():
         ctx.mqtt.publish_status("online", **stats)
+        if ctx.backend_device is not None:      # the deployed backend relays it to the apps
+            ctx.mqtt.publish_to(f"devices/{ctx.backend_device}/status",
+                                {"status": state, "serialNumber": ctx.settings.device_id,
+                                 "timestamp": iso(utcnow()), **stats.get("health", {})})
         ctx.store.sink_ok("mqtt")
     if ctx.firebase is not None and ctx.firebase.is_initialized:
         try:

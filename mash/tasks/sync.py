@@ -15,11 +15,12 @@ import time
 
 from mash import ids
 from mash.alerts import AlertEvent
-from mash.clock import iso
-from mash.sinks.errors import (AuthError, BadRequest, NotFound, PermanentError, RateLimited,
-                               RetryableError, TooLarge)
+from mash.clock import iso, utcnow
+from mash.sinks.errors import (AuthError, BadRequest, DeviceUnknown, NotAllowed, NotFound,
+                               PermanentError, RateLimited, RetryableError, TooLarge)
+from mash.sinks.backend_api import match_sensors, sensor_name
 from mash.sinks.firebase import FirebaseError
-from mash.contract import MAX_READINGS_PER_REQUEST
+from mash.contract import MASH_BATCH, MASH_METRICS, MAX_READINGS_PER_REQUEST, ROOMS
 
 log = logging.getLogger("mash.worker")
 
@@ -79,11 +80,46 @@ def _auth_alert_change(ctx, refused: bool, exc: AuthError | None) -> None:
     ctx.auth_alert = raised
 
 
+IDENTITY = "backend.identity"       # meta: the deployed backend's device for us, or why none
+
+
 def ensure_registered(ctx) -> None:
-    """Register the device once per process (a 409 means it already is)."""
+    """Register the device once per process (a 409 means it already is). Under the deployed
+    MASH backend this learns the device's id there; while that backend has no device with our
+    serial (a person must create it) it raises DeviceUnknown without asking again until
+    ``REGISTER_RETRY`` has passed, and ``meta.backend.identity`` says why (``mash status``,
+    ``mash doctor``): one log line when this state begins and one when it ends."""
     if ctx.registered:
         return
-    backend_call(ctx, ctx.backend.register_device)
+    backend = ctx.backend
+    if backend.profile.name == "guide":
+        backend_call(ctx, backend.register_device)
+        ctx.registered = True
+        return
+    store, now = ctx.store, time.monotonic()
+    known = store.meta_get(IDENTITY) or {}
+    if getattr(ctx, "identity_retry_at", 0.0) > now:
+        raise DeviceUnknown(known.get("problem") or "device not registered", None,
+                            ctx.identity_retry_at - now)
+    try:
+        device = backend_call(ctx, backend.register_device)
+    except DeviceUnknown as exc:
+        ctx.identity_retry_at = now + (exc.retry_after or 300.0)
+        if known.get("problem") != str(exc):
+            log.error("%s; every reading stays owed, asking the backend again every %.0f "
+                      "minutes", exc, (exc.retry_after or 300.0) / 60)
+            store.meta_set(IDENTITY, {"state": "unknown", "serial": ctx.settings.device_id,
+                                      "problem": str(exc), "since": iso(utcnow())})
+        raise
+    if known.get("cuid") != device["id"] or known.get("state") != "registered":
+        if known.get("state") == "unknown":
+            log.info("the backend knows device %s now (its id %s): uploads start",
+                     ctx.settings.device_id, device["id"])
+        store.meta_set(IDENTITY, {"state": "registered", "serial": ctx.settings.device_id,
+                                  "cuid": device["id"], "since": iso(utcnow())})
+    on_registered = getattr(ctx, "on_registered", None)
+    if on_registered is not None:
+        on_registered(device["id"])
     ctx.registered = True
 
 
@@ -168,6 +204,8 @@ def sync_readings(ctx) -> int:
     every reading still owed."""
     if ctx.backend is None:
         return 0
+    if ctx.backend.profile.name == "mash":
+        return sync_sensors(ctx)
     store = ctx.store
     ensure_registered(ctx)
     run = _Drain(ctx)
@@ -238,6 +276,125 @@ def _register_again(ctx, run: _Drain, exc: NotFound) -> bool:
                   "the readings stay owed, tried again once per sync run", exc)
         ctx.uploads_gone = True
     return False
+
+
+# -- the deployed MASH backend: readings per sensor (CONTRACT §9) ---------------------------
+SENSORS_MISSING = "backend.sensors_missing"   # meta: (room, metric)s with no sensor, and why
+INFLIGHT = "backend.inflight"                 # meta: {sensor key: [first, last]} sent, unanswered
+
+
+def sensor_key(room: str, metric: str) -> str:
+    """The sink row whose ``progress`` is this sensor's: every reading id up to it is there."""
+    return f"backend:{room}:{metric}"
+
+
+def ensure_sensors(ctx) -> dict[tuple[str, str], str]:
+    """``{(room, metric): sensor id}`` for the device (``match_sensors``'s naming rule),
+    creating the missing ones when the account may. What is still missing is recorded in
+    ``meta.backend.sensors_missing`` with the reason (``mash status``), logged once; its
+    readings stay owed."""
+    backend, store = ctx.backend, ctx.store
+    sensors = match_sensors(backend_call(ctx, backend.list_sensors))
+    problem = None
+    for room in ROOMS:
+        for metric in MASH_METRICS:
+            if (room, metric) in sensors or problem:
+                continue
+            try:
+                sensors[(room, metric)] = backend_call(ctx, backend.create_sensor, room, metric)["id"]
+                log.info("created the backend sensor %r for device %s", sensor_name(room, metric),
+                         ctx.settings.device_id)
+            except NotAllowed as exc:
+                problem = str(exc)
+    missing = [sensor_name(r, m) for r in ROOMS for m in MASH_METRICS if (r, m) not in sensors]
+    known = store.meta_get(SENSORS_MISSING) or {}
+    state = {"missing": missing, "problem": problem} if missing else {}
+    if state != known:
+        if missing:
+            log.error("the backend account may not create sensors (%s): ask the MASH admin to "
+                      "create the sensors %s on device %s; their readings stay owed", problem,
+                      ", ".join(repr(n) for n in missing), ctx.settings.device_id)
+        else:
+            log.info("every sensor of device %s is on the backend", ctx.settings.device_id)
+        store.meta_set(SENSORS_MISSING, state)
+    return sensors
+
+
+def sync_sensors(ctx) -> int:
+    """The drain for the deployed MASH backend: each (room, metric) to its sensor with
+    ``POST /sensors/:id/data/batch``, round-robin over the sensors so the per-URL budget
+    (``mash.pacing``) keeps every sensor going. The backend does not dedupe, so each
+    sensor's progress is a sink row (``sensor_key``), moved in the transaction that follows
+    the 201: a batch is never sent again once its answer came. Before each send the batch is
+    written down as in flight; a batch resent while still in flight (its last attempt got no
+    answer: a timeout, a dropped connection, the worker killed) may be stored twice: its
+    readings are counted (``sync_resent_unanswered``). A room's readings are marked synced
+    once all its sensors have them (``pending_count``, retention)."""
+    store, backend = ctx.store, ctx.backend
+    ensure_registered(ctx)
+    sensors = ensure_sensors(ctx)
+    upto = store.last_reading_id()
+    progress = {k: store.sink(sensor_key(*k)).progress or 0 for k in sensors}
+    sent = 0
+    active = sorted(sensors)
+    while active:
+        for key in list(active):
+            room, metric = key
+            rows = store.room_readings_after(room, progress[key], MASH_BATCH, upto=upto)
+            if not rows:
+                active.remove(key)
+                continue
+            progress[key] = _send_sensor_batch(ctx, key, sensors[key], rows)
+            sent += len(rows)
+    for room in ROOMS:
+        marks = [progress.get((room, m)) for m in MASH_METRICS]
+        if None not in marks:
+            store.mark_room_synced(room, min(marks))
+    return sent
+
+
+def _send_sensor_batch(ctx, key: tuple[str, str], sensor_id: str, rows) -> int:
+    """One batch to one sensor; returns the sensor's new progress. A 400 for one reading
+    sets it aside (rejected, with the reason); a larger refused batch is halved."""
+    store, (room, metric) = ctx.store, key
+    path = f"/sensors/{sensor_id}/data/batch"
+    inflight = store.meta_get(INFLIGHT) or {}
+    before = inflight.get(sensor_key(*key))
+    if before and before[1] >= rows[0].id:
+        resent = sum(1 for r in rows if before[0] <= r.id <= before[1])
+        store.incr("sync_resent_unanswered", resent)
+        log.warning("resending %d %s reading(s) whose last upload got no answer: the backend "
+                    "may now hold them twice (it does not dedupe)", resent, sensor_key(*key))
+    inflight[sensor_key(*key)] = [rows[0].id, rows[-1].id]
+    store.meta_set(INFLIGHT, inflight)
+    items = [{"value": getattr(r, metric), "timestamp": iso(r.timestamp)} for r in rows]
+    try:
+        backend_call(ctx, ctx.backend.upload_sensor_batch, sensor_id, items)
+    except (TooLarge, BadRequest) as exc:
+        _settle(store, key, None)
+        if len(rows) == 1:
+            store.mark_rejected([rows[0].id], f"{metric}: {exc}")
+            return _settle(store, key, rows[0].id)
+        half = len(rows) // 2
+        _send_sensor_batch(ctx, key, sensor_id, rows[:half])
+        return _send_sensor_batch(ctx, key, sensor_id, rows[half:])
+    except RetryableError as exc:
+        if not (exc.maybe_delivered and exc.request == ("POST", path)):
+            _settle(store, key, None)       # it never left, or the backend answered no
+        raise
+    return _settle(store, key, rows[-1].id)
+
+
+def _settle(store, key: tuple[str, str], progress: int | None) -> int | None:
+    """The batch in flight for ``key`` is answered: its progress (when it went through) and
+    the in-flight note go in one transaction."""
+    with store.transaction():
+        if progress is not None:
+            store.sink_ok(sensor_key(*key), progress=progress)
+        inflight = store.meta_get(INFLIGHT) or {}
+        if inflight.pop(sensor_key(*key), None) is not None:
+            store.meta_set(INFLIGHT, inflight)
+    return progress
 
 
 def backup_firebase(ctx) -> int:
