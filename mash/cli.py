@@ -20,6 +20,7 @@ from mash.logs import setup_logging, start_process
 from mash.models import SchemaTooNew, Store, StoreCorrupt, StoreMissing, StoreOutdated
 from mash.models.stats import SINK_WORDS, sink_states
 from mash.tasks import notify as notifications
+from mash.tasks import sync
 
 
 def cmd_run(args) -> int:
@@ -112,6 +113,11 @@ def status_report(settings: Settings, store: Store) -> dict:
                       sink_states(store, settings, stats["processes"]).items()}
     if settings.notify_urls:
         stats["notifications"] = notifications.url_states(store, settings)
+    if settings.backend_enabled and settings.backend_profile == "mash":
+        stats["backend_profile"] = "mash"
+        stats["backend_identity"] = store.meta_get(sync.IDENTITY) or {}
+        stats["backend_sensors_missing"] = store.meta_get(sync.SENSORS_MISSING) or {}
+        stats["backend_resent_unanswered"] = store.counters().get("sync_resent_unanswered", 0)
     return stats
 
 
@@ -133,6 +139,22 @@ def status_lines(stats: dict) -> list[str]:
         lines.append(f"board:    connected on {board['port']} since {board['since']}" if board["connected"]
                      else f"board:    not connected since {board['since']} ({board.get('problem')})")
     lines += [f"{name + ':':<9} {state}" for name, state in stats["sinks"].items()]
+    identity = stats.get("backend_identity")
+    if identity is not None:
+        if identity.get("state") == "registered":
+            lines.append(f"device:   {identity['serial']} is device {identity['cuid']} on the "
+                         "MASH backend")
+        elif identity.get("state") == "unknown":
+            lines.append(f"device:   NOT REGISTERED since {identity['since']}: {identity['problem']}")
+        else:
+            lines.append("device:   not registered with the MASH backend yet")
+        missing = stats["backend_sensors_missing"]
+        if missing:
+            lines.append(f"sensors:  missing on the backend: {', '.join(missing['missing'])} "
+                         f"({missing['problem']}); their readings stay owed")
+        if stats["backend_resent_unanswered"]:
+            lines.append(f"resent:   {stats['backend_resent_unanswered']} readings resent after an "
+                         "upload got no answer (the backend may hold them twice)")
     for n in stats.get("notifications", {}).values():
         lines.append(f"notify:   {n['url']}: last sent {n['last_ok'] or 'never'}, {n['delivered']} sent, "
                      f"{n['owed']} owed, {n['suppressed']} suppressed"

@@ -342,6 +342,12 @@ class Doctor:
             yield Check(names[2], True, f"logged in as {s.device_email}")
             if client.device_registered():
                 yield Check(names[3], True, f"device {s.device_id} is registered")
+            elif client.profile.name == "mash":
+                # the deployed backend creates no device for a serial it does not know
+                yield Check(names[3], False, f"the MASH backend has no device {s.device_id}",
+                            f"ask the MASH admin to create device {s.device_id} (admin "
+                            "dashboard, serial number exactly as DEVICE_ID); readings stay owed "
+                            "and go up once it exists")
             else:
                 yield Check(names[3], False, f"the backend does not know device {s.device_id}",
                             "start the worker once (it registers the device), or add it in the MASH app")

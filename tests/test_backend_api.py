@@ -8,7 +8,8 @@ import pytest
 
 from mash.sinks import errors
 from mash.sinks.backend_api import (AuthError, BadRequest, NotFound, PermanentError,
-                                    RetryableError, TooLarge, create_backend_client, unwrap)
+                                    RetryableError, TooLarge, create_backend_client, match_sensors,
+                                    unwrap)
 from tests.services import wait_for
 
 DEVICE = "rpi_gateway_001"
@@ -220,3 +221,13 @@ def test_the_error_classes_load_without_the_http_stack():
                           "print('requests' in sys.modules)"], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_mash_sensors_are_found_by_type_and_the_room_in_their_name():
+    listed = [{"id": "s1", "type": "temperature", "name": "Fruiting temperature"},
+              {"id": "s2", "type": "TEMPERATURE", "name": "fruiting-temp (spare)"},
+              {"id": "s3", "type": "co2", "name": "spawning CO2"},
+              {"id": "s4", "type": "humidity", "name": "hallway"},
+              {"id": 5, "type": "humidity", "name": "fruiting"}, "junk", None]
+    assert match_sensors(listed) == {("fruiting", "temperature"): "s1", ("spawning", "co2"): "s3"}
+    assert match_sensors({"not": "a list"}) == {}

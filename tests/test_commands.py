@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mash.clock import utcnow
-from mash.commands import Rejected, merge_configuration, parse_payload, validate
+from mash.commands import Rejected, mash_mqtt_command, merge_configuration, parse_payload, validate
 from mash.contract import MAX_PARSE_BYTES
 
 DEVICE = "rpi_gateway_001"
@@ -81,3 +81,54 @@ def test_commands_update_needs_an_https_url_and_a_sha256():
     assert "version" in rejected({"command": "update", "parameters": {**good, "version": ""}})
     assert "unknown parameter" in rejected({"command": "update", "parameters": {**good, "token": "x"}})
     assert validate({"command": "RESTART", "parameters": {"x": 1}}, DEVICE, 50)[:2] == ("RESTART", {})
+
+
+# -- the deployed MASH backend's commands (CONTRACT §9) ----------------------------------------
+def test_mash_start_and_stop_switch_a_relay_by_firmware_or_app_name():
+    ok = lambda params, name="START": validate({"id": "c1", "command": name, "parameters": params},  # noqa: E731
+                                               ("MASH-X", "cuid1"), 100)[:2]
+    assert ok({"actuator": "MIST_MAKER"}) == ("set_actuator", {"actuator": "MIST_MAKER", "state": "ON"})
+    assert ok({"actuator": "mist_maker"}, "STOP") == ("set_actuator", {"actuator": "MIST_MAKER", "state": "OFF"})
+    assert ok({"actuator": "exhaust_fan", "room": "spawning"}) == (
+        "set_actuator", {"actuator": "SPAWNING_EXHAUST_FAN", "state": "ON"})
+    for bad in ({}, {"actuator": "exhaust_fan"}, {"actuator": "KETTLE"}):
+        with pytest.raises(Rejected, match="malformed"):
+            ok(bad)
+
+
+def test_mash_commands_are_addressed_to_the_serial_or_the_backends_id():
+    cmd = {"id": "c1", "command": "REQUEST_STATUS", "deviceId": "cuid1"}
+    assert validate(cmd, ("MASH-X", "cuid1"), 10)[0] == "REQUEST_STATUS"
+    with pytest.raises(Rejected, match="addressed to device 'cuid1'"):
+        validate(cmd, ("MASH-X",), 10)
+
+
+def test_mash_update_firmware_is_an_update_and_reset_calibrate_are_not_supported():
+    sha = "a" * 64
+    command, params, _ = validate({"id": "u", "command": "UPDATE_FIRMWARE", "parameters": {
+        "version": "0.9.0", "url": "https://example.org/mash.whl", "checksum": sha}}, "d", 100)
+    assert (command, params) == ("update", {"version": "0.9.0", "url": "https://example.org/mash.whl",
+                                            "sha256": sha})
+    with pytest.raises(Rejected, match="sha256 must be 64 hex"):
+        validate({"id": "u", "command": "UPDATE_FIRMWARE", "parameters": {
+            "version": "0.9.0", "url": "https://example.org/mash.whl", "checksum": "md5"}}, "d", 100)
+    for name in ("RESET", "CALIBRATE"):
+        with pytest.raises(Rejected, match=f"not supported: {name}"):
+            validate({"id": "r", "command": name}, "d", 10)
+
+
+def test_mash_mqtt_messages_get_an_id_from_their_bytes_so_a_redelivery_is_the_same_command():
+    raw = json.dumps({"command": "START", "parameters": {"actuator": "MIST_MAKER"},
+                      "timestamp": "2026-12-02T10:00:00.000Z"}).encode()
+    first, _, _ = mash_mqtt_command("command", "devices/c1/command", raw)
+    again, _, _ = mash_mqtt_command("command", "devices/c1/command", raw)
+    later, _, _ = mash_mqtt_command("command", "devices/c1/command",
+                                    raw.replace(b"10:00:00", b"10:00:05"))
+    assert first == again and first["id"].startswith("mq-") and later["id"] != first["id"]
+    assert first["command"] == "START" and first["parameters"] == {"actuator": "MIST_MAKER"}
+    config, _, _ = mash_mqtt_command("config", "devices/c1/config",
+                                     b'{"configuration":{"heartbeat_interval":30},"timestamp":"t"}')
+    assert (config["command"], config["parameters"]) == ("CONFIGURE", {"heartbeat_interval": 30})
+    status, _, _ = mash_mqtt_command("request_status", "devices/c1/request/status", b'{"timestamp":"t"}')
+    assert status["command"] == "REQUEST_STATUS"
+    assert mash_mqtt_command("command", "devices/c1/command", b"not json")[1] == "bad_json"
