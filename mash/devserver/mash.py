@@ -453,10 +453,12 @@ class MashBackend:
     @staticmethod
     def _parse_body(headers, raw: bytes):
         ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if not (ctype == "application/json" or ctype.endswith("+json")):
-            return {}
-        if len(raw) > MAX_BODY:
+        json_body = ctype == "application/json" or ctype.endswith("+json")
+        # Nest mounts the json and urlencoded parsers, both with body-parser's 100 kB limit
+        if (json_body or ctype == "application/x-www-form-urlencoded") and len(raw) > MAX_BODY:
             raise HTMLRefusal(413, "request entity too large")
+        if not json_body:
+            return {}
         if not raw.strip():
             return {}
         try:
@@ -835,9 +837,10 @@ class MashBackend:
         sensors = [s for s in Sensor.select().order_by(Sensor.id) if s.device in ids]
         counts = defaultdict(int)
         readings = defaultdict(list)
+        wanted = {s.uid for s in sensors}
         for value, stamp, sensor in mashdb.execute_sql(
                 'SELECT "value", "timestamp", "sensor" FROM "sensordata" ORDER BY "id"'):
-            if sensor in {s.uid for s in sensors}:
+            if sensor in wanted:
                 counts[sensor] += 1
                 readings[sensor].append([value, stamp])
         return {
