@@ -295,8 +295,9 @@ class DevServer:
     def state(self, device: str | None = None, serial: str | None = None) -> dict:
         """guide: the admin state (``device`` = its serial). mash: devices, sensors (with a
         ``readings`` count each), ``readings`` {sensor id: [[value, timestamp], ...]},
-        commands, requests, throttled (429s), lost, per_path, history [[arrived, answered,
-        method, url, status], ...] (monotonic seconds), faults; ``serial`` narrows to a device."""
+        commands, accounts, requests, throttled (429s), lost (answers not sent), per_path
+        {"METHOD path": n}, history [{t, answered, client, method, url, status}] (monotonic
+        seconds; client "app" for the calls made here), faults; ``serial`` narrows to a device."""
         if self.profile == "mash":
             serial = serial or device
             return self._hook("GET", "state", params={"serial": serial} if serial else None)
@@ -316,14 +317,13 @@ class DevServer:
 
     def issue(self, device: str, command: str, parameters: dict | None = None, **extra) -> dict:
         """guide: the admin endpoint (``device`` = serial). mash: the app's real route
-        ``POST /devices/:cuid/command`` as the seeded account (``device`` = the cuid); returns
+        ``POST /devices/:cuid/command`` as the seeded account, counted as the apps' client
+        (``X-Replica-Client: app``), not the gateway's (``device`` = the cuid); returns
         ``{"message","commandId","status"}``; raises on a refusal (e.g. an OFFLINE device)."""
         if self.profile == "mash":
-            token = self.login()["accessToken"]
             r = requests.post(f"{self.url}/devices/{device}/command",
                               json={"command": command, "parameters": parameters or {}},
-                              headers={"Authorization": f"Bearer {token}", "X-API-Key": "tests"},
-                              timeout=30)
+                              headers=self._app_headers(), timeout=30)
             if r.status_code != 201:
                 raise RuntimeError(f"command refused: {r.status_code} {r.text}")
             return r.json()["data"]
@@ -333,13 +333,22 @@ class DevServer:
         return r.json()["data"]
 
     # -- mash profile only --------------------------------------------------------------
+    APP = {"X-Replica-Client": "app", "X-API-Key": "tests"}   # the apps' calls: not the gateway's budget
+
     def login(self) -> dict:
-        """The seeded account's login answer (``data``: accessToken, refreshToken, user)."""
-        r = requests.post(f"{self.url}/auth/login",
+        """The seeded account's login answer (``data``: accessToken, refreshToken, user), as
+        the apps (``X-Replica-Client: app``: not counted in the gateway's budget)."""
+        r = requests.post(f"{self.url}/auth/login", headers={"X-Replica-Client": "app"},
                           json={"email": self.EMAIL, "password": self.PASSWORD}, timeout=30)
         if r.status_code != 200:
             raise RuntimeError(f"login refused: {r.status_code} {r.text}")
         return r.json()["data"]
+
+    def _app_headers(self) -> dict:
+        """The seeded account's bearer token, logged in once (tokens last a day)."""
+        if getattr(self, "_token", None) is None:
+            self._token = self.login()["accessToken"]
+        return {"Authorization": f"Bearer {self._token}", **self.APP}
 
     def create_device(self, serial: str, name: str | None = None, **extra) -> dict:
         """As the operator would in the admin dashboard: a device owned by the seeded account
@@ -348,12 +357,11 @@ class DevServer:
                                                    **extra})
 
     def create_sensor(self, cuid: str, type: str, name: str, unit: str) -> dict:
-        """Through the real route ``POST /devices/:cuid/sensors`` as the seeded account."""
-        token = self.login()["accessToken"]
+        """Through the real route ``POST /devices/:cuid/sensors`` as the seeded account, counted
+        as the apps' client; raises on a refusal (a role that may not: 403)."""
         r = requests.post(f"{self.url}/devices/{cuid}/sensors",
                           json={"type": type, "name": name, "unit": unit},
-                          headers={"Authorization": f"Bearer {token}", "X-API-Key": "tests"},
-                          timeout=30)
+                          headers=self._app_headers(), timeout=30)
         if r.status_code != 201:
             raise RuntimeError(f"sensor refused: {r.status_code} {r.text}")
         return r.json()["data"]

@@ -66,7 +66,10 @@ Order of a request (Express middleware, then Nest's guards, pipes, handler, filt
   switch takes effect at once.
 
 Test hooks (not §9, no auth, loopback only) under ``/__replica/``: ``POST devices`` (the
-operator's admin dashboard), ``GET state``, ``POST faults``, ``POST role``.
+operator's admin dashboard), ``GET state``, ``POST faults``, ``POST role``. A request with the
+header ``X-Replica-Client: NAME`` counts as from client NAME instead of its IP (rate limit,
+history): the tests' calls as the apps, which in production come from elsewhere, then leave
+the gateway's per-URL budget alone.
 """
 from __future__ import annotations
 
@@ -338,7 +341,7 @@ class MashBackend:
         self.windows: dict = {}                       # (ip, url) -> [window start, hits]
         self.requests = self.throttled = self.lost = 0
         self.per_path: Counter = Counter()
-        self.history: deque = deque(maxlen=50000)     # (arrived, answered, method, url, status)
+        self.history: deque = deque(maxlen=100000)    # one dict per routed request
         self.seeded = [email for email, _ in users]
         for email, password in users:
             if not Account.select().where(Account.email == email).exists():
@@ -361,6 +364,9 @@ class MashBackend:
         if f.latency:
             time.sleep(f.latency)
         arrived = time.monotonic()
+        # the tests' own calls as the apps (commands, sensors) come from 127.0.0.1 too: this
+        # header, read by the replica only, counts them as another client, as the apps are
+        client = headers.get("X-Replica-Client") or ip
         corr = headers.get("X-Correlation-Id") or headers.get("X-Request-Id") or str(uuid.uuid4())
         out = {"X-Correlation-Id": corr, "X-Request-Id": corr}
         ctx = {"method": method, "url": target, "corr": headers.get("X-Correlation-Id")}
@@ -377,7 +383,7 @@ class MashBackend:
                 if f.lose_answer_next > 0 and f.lose_path in path:
                     f.lose_answer_next -= 1
                     lose = True
-            status, payload = self._pipeline(method, target, path, headers, raw, ip, out)
+            status, payload = self._pipeline(method, target, path, headers, raw, client, out)
             body = {"success": True, "statusCode": status, "data": payload,
                     "timestamp": js_now(), "path": target, "correlationId": corr}
             reply = Reply(status, json.dumps(body).encode(),
@@ -397,7 +403,8 @@ class MashBackend:
         with self.lock:
             if reply.status == 429:
                 self.throttled += 1
-            self.history.append((arrived, time.monotonic(), method, target, reply.status))
+            self.history.append({"t": arrived, "answered": time.monotonic(), "client": client,
+                                 "method": method, "url": target, "status": reply.status})
             if lose:
                 self.lost += 1
                 reply.lose = True
@@ -852,7 +859,7 @@ class MashBackend:
             "accounts": [{"id": a.uid, "email": a.email, "role": a.role} for a in Account.select()],
             "requests": self.requests, "throttled": self.throttled, "lost": self.lost,
             "per_path": dict(self.per_path),
-            "history": [list(h) for h in self.history],
+            "history": list(self.history),
             "rate_limit": self.rate_limit, "rate_window": self.rate_window,
             "faults": self.faults.as_dict(),
         }
