@@ -86,7 +86,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
 from peewee import (BooleanField, CharField, FloatField, IntegerField, Model, SqliteDatabase,
@@ -238,8 +238,8 @@ def js_date(value) -> str | None:
         if isinstance(value, str):
             s = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
             when = dt.datetime.fromisoformat(s)
-            if when.tzinfo is None:      # JS reads a date-time without offset as local time
-                when = when.astimezone()
+            if when.tzinfo is None:      # local time to JS: the deployment's is UTC
+                when = when.replace(tzinfo=dt.timezone.utc)
             return js_iso(when)
     except (ValueError, OverflowError, OSError):
         return None
@@ -497,7 +497,7 @@ class MashBackend:
         for m, pattern, name, auth in self._ROUTES:
             match = re.fullmatch(pattern, sub)
             if match and m == method:
-                return name, match.groups(), auth
+                return name, tuple(unquote(g) for g in match.groups()), auth
         return None
 
     def _throttle(self, ip: str, url: str, out: dict) -> None:
