@@ -89,8 +89,7 @@ from collections import Counter, defaultdict, deque
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
-from peewee import (BooleanField, CharField, FloatField, IntegerField, Model, SqliteDatabase,
-                    TextField)
+from peewee import BooleanField, CharField, FloatField, Model, SqliteDatabase, TextField
 
 from mash.devserver.schema import check_password, hash_password
 
