@@ -26,6 +26,9 @@ Order of a request (Express middleware, then Nest's guards, pipes, handler, filt
   ``req.url`` (path and query string). A fixed window from the first hit (Redis INCR+EXPIRE):
   every routed request increments it, the 429s too, and the count resets when the window
   expires. 429 ``ThrottlerException`` with ``Retry-After: 60`` (here: the configured window).
+  The guard puts its role limit in place of the limit a route's ``@Throttle`` names (login
+  10/min, refresh 5/15 min), and its key holds no handler: a GET and a POST of one URL share
+  one budget.
 - ``POST /iot/devices`` (``iot-devices.controller.ts``, ``devices.service.ts``): the lookup
   ``findBySerialNumber`` tries the exact serial, then a case-insensitive *substring* match,
   then ANY active device. Found -> ``updateBySerialNumber(<the body's serial>)``, which looks
@@ -61,9 +64,9 @@ Order of a request (Express middleware, then Nest's guards, pipes, handler, filt
   answer says so), ``up`` (``sent``), ``down`` (``failed`` + 400, as deployed).
 - ``GET /devices/:id/commands``: newest first by ``sentAt``, 50. No acknowledgement route.
 - ``GET /devices/:id/configuration``: the service's fixed placeholder.
-- Login: the account must be verified; ``expiresIn`` in the refresh answer is seconds (a
-  guess: §9 does not say). The role is read from the account at each request, so a role
-  switch takes effect at once.
+- Login (200): the account must be verified; refresh (200): ``expiresIn`` in seconds (the
+  route's documented example, 86400). The role is read from the account at each request, so
+  a role switch takes effect at once (a guess: the JWT strategy was not read).
 
 Test hooks (not §9, no auth, loopback only) under ``/__replica/``: ``POST devices`` (the
 operator's admin dashboard), ``GET state``, ``POST faults``, ``POST role``. A request with the
