@@ -421,11 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000, help="0 picks a free port")
     s.add_argument("--db", default="data/devserver.db")
-    s.add_argument("--access-ttl", type=float, default=900.0)
-    s.add_argument("--refresh-ttl", type=float, default=7 * 86400.0)
-    s.add_argument("--rate-limit", type=int, default=0,
-                   help="requests per client and URL per --rate-window s before 429 (0: none)")
-    s.add_argument("--rate-window", type=float, default=60.0)
+    s.add_argument("--profile", choices=("guide", "mash"), default="guide",
+                   help="guide: CONTRACT §2 (default); mash: a replica of the deployed MASH "
+                        "backend, CONTRACT §9")
+    s.add_argument("--access-ttl", type=float, default=None,
+                   help="seconds (default: guide 900, mash 1 day)")
+    s.add_argument("--refresh-ttl", type=float, default=None,
+                   help="seconds (default: guide 7 days, mash 30 days)")
+    s.add_argument("--rate-limit", type=int, default=None,
+                   help="requests per client and URL per --rate-window s before 429 "
+                        "(0: none; default: guide 0, mash 20)")
+    s.add_argument("--rate-window", type=float, default=None, help="seconds (default 60)")
+    s.add_argument("--populated", action=argparse.BooleanOptionalAction, default=None,
+                   help="mash: seed another farm's active device, so the registration "
+                        "fall-back bug fires as in production (default: on)")
     s.add_argument("--user", action="append", default=[],
                    help="EMAIL:PASSWORD of an account (default: the .env device account)")
     s.add_argument("--secret", default=None, help="HS256 signing secret (default: random)")

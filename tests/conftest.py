@@ -121,6 +121,13 @@ def devserver(devserver_factory):
 
 
 @pytest.fixture
+def mash_backend(devserver_factory):
+    """The replica of the deployed MASH backend (CONTRACT §9): 20 requests per 60 s per URL,
+    populated with another farm's active device; stopped at teardown."""
+    return devserver_factory(profile="mash", rate_limit=20, rate_window=60.0)
+
+
+@pytest.fixture
 def rtdb(tmp_path, monkeypatch):
     r = RTDBStandIn().start()
     monkeypatch.setenv("FIREBASE_DATABASE_EMULATOR_HOST", r.host)

@@ -237,17 +237,31 @@ class Observer:
 
 # -- the reference backend ---------------------------------------------------------------------
 class DevServer:
+    """``mash devserver`` as a subprocess. ``profile="guide"`` (CONTRACT §2, admin endpoints
+    under /api/v1/admin) or ``"mash"`` (the replica of the deployed backend, CONTRACT §9, its
+    test hooks under /__replica/). TTLs and the rate limit default to the profile's own
+    (guide: 900 s / 1 day / none; mash: 1 day / 30 days / 20 per 60 s)."""
     EMAIL, PASSWORD = "device@mashmarket.app", "device-secret-pw"
 
-    def __init__(self, directory: Path, access_ttl: float = 900, refresh_ttl: float = 86400,
-                 rate_limit: int = 0, rate_window: float = 60.0):
+    def __init__(self, directory: Path, access_ttl: float | None = None,
+                 refresh_ttl: float | None = None, rate_limit: int | None = None,
+                 rate_window: float = 60.0, profile: str = "guide", populated: bool = True):
         self.dir = directory
+        self.profile = profile
         directory.mkdir(parents=True, exist_ok=True)
-        self.args = ["--port", "0", "--db", str(directory / "devserver.db"),
-                     "--user", f"{self.EMAIL}:{self.PASSWORD}",
-                     "--access-ttl", str(access_ttl), "--refresh-ttl", str(refresh_ttl),
-                     "--rate-limit", str(rate_limit), "--rate-window", str(rate_window),
+        if profile == "guide":
+            access_ttl = 900 if access_ttl is None else access_ttl
+            refresh_ttl = 86400 if refresh_ttl is None else refresh_ttl
+            rate_limit = 0 if rate_limit is None else rate_limit
+        self.args = ["--profile", profile, "--port", "0", "--db", str(directory / "devserver.db"),
+                     "--user", f"{self.EMAIL}:{self.PASSWORD}", "--rate-window", str(rate_window),
                      "--secret", "test-signing-secret-of-at-least-32-bytes"]
+        for flag, value in (("--access-ttl", access_ttl), ("--refresh-ttl", refresh_ttl),
+                            ("--rate-limit", rate_limit)):
+            if value is not None:
+                self.args += [flag, str(value)]
+        if profile == "mash":
+            self.args.append("--populated" if populated else "--no-populated")
         self.proc = None
         self.url = None
 
@@ -267,23 +281,94 @@ class DevServer:
         stop_process(self.proc)
 
     def env(self) -> dict:
-        return {"BACKEND_URL": self.url, "DEVICE_EMAIL": self.EMAIL, "DEVICE_PASSWORD": self.PASSWORD}
+        env = {"BACKEND_URL": self.url, "DEVICE_EMAIL": self.EMAIL, "DEVICE_PASSWORD": self.PASSWORD}
+        if self.profile == "mash":
+            env["BACKEND_PROFILE"] = "mash"
+        return env
 
-    def state(self, device: str | None = None) -> dict:
+    def _hook(self, method: str, name: str, **kw) -> dict:
+        r = requests.request(method, f"{self.root}/__replica/{name}", timeout=30, **kw)
+        if not r.ok:
+            raise RuntimeError(f"replica hook {name}: {r.status_code} {r.text}")
+        return r.json()
+
+    def state(self, device: str | None = None, serial: str | None = None) -> dict:
+        """guide: the admin state (``device`` = its serial). mash: devices, sensors (with a
+        ``readings`` count each), ``readings`` {sensor id: [[value, timestamp], ...]},
+        commands, accounts, requests, throttled (429s), lost (answers not sent), per_path
+        {"METHOD path": n}, history [{t, answered, client, method, url, status}] (monotonic
+        seconds; client "app" for the calls made here), faults; ``serial`` narrows to a device."""
+        if self.profile == "mash":
+            serial = serial or device
+            return self._hook("GET", "state", params={"serial": serial} if serial else None)
         r = requests.get(f"{self.url}/admin/state" + (f"?device={device}" if device else ""), timeout=10)
         r.raise_for_status()
         return r.json()["data"]
 
     def faults(self, **switches) -> dict:
+        """mash switches: latency, fail_next (+ fail_status, fail_path), drop_for (s),
+        lose_answer_next (+ lose_path), broker (none|up|down), rate_limit (+ rate_window),
+        reset_rate."""
+        if self.profile == "mash":
+            return self._hook("POST", "faults", json=switches)
         r = requests.post(f"{self.url}/admin/faults", json=switches, timeout=10)
         r.raise_for_status()
         return r.json()["data"]
 
     def issue(self, device: str, command: str, parameters: dict | None = None, **extra) -> dict:
+        """guide: the admin endpoint (``device`` = serial). mash: the app's real route
+        ``POST /devices/:cuid/command`` as the seeded account, counted as the apps' client
+        (``X-Replica-Client: app``), not the gateway's (``device`` = the cuid); returns
+        ``{"message","commandId","status"}``; raises on a refusal (e.g. an OFFLINE device)."""
+        if self.profile == "mash":
+            r = requests.post(f"{self.url}/devices/{device}/command",
+                              json={"command": command, "parameters": parameters or {}},
+                              headers=self._app_headers(), timeout=30)
+            if r.status_code != 201:
+                raise RuntimeError(f"command refused: {r.status_code} {r.text}")
+            return r.json()["data"]
         r = requests.post(f"{self.url}/admin/devices/{device}/commands",
                           json={"command": command, "parameters": parameters or {}, **extra}, timeout=10)
         r.raise_for_status()
         return r.json()["data"]
+
+    # -- mash profile only --------------------------------------------------------------
+    APP = {"X-Replica-Client": "app", "X-API-Key": "tests"}   # the apps' calls: not the gateway's budget
+
+    def login(self) -> dict:
+        """The seeded account's login answer (``data``: accessToken, refreshToken, user), as
+        the apps (``X-Replica-Client: app``: not counted in the gateway's budget)."""
+        r = requests.post(f"{self.url}/auth/login", headers={"X-Replica-Client": "app"},
+                          json={"email": self.EMAIL, "password": self.PASSWORD}, timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(f"login refused: {r.status_code} {r.text}")
+        return r.json()["data"]
+
+    def _app_headers(self) -> dict:
+        """The seeded account's bearer token, logged in once (tokens last a day)."""
+        if getattr(self, "_token", None) is None:
+            self._token = self.login()["accessToken"]
+        return {"Authorization": f"Bearer {self._token}", **self.APP}
+
+    def create_device(self, serial: str, name: str | None = None, **extra) -> dict:
+        """As the operator would in the admin dashboard: a device owned by the seeded account
+        (status OFFLINE until the gateway registers); returns it, its cuid in ``id``."""
+        return self._hook("POST", "devices", json={"serialNumber": serial, "name": name or serial,
+                                                   **extra})
+
+    def create_sensor(self, cuid: str, type: str, name: str, unit: str) -> dict:
+        """Through the real route ``POST /devices/:cuid/sensors`` as the seeded account, counted
+        as the apps' client; raises on a refusal (a role that may not: 403)."""
+        r = requests.post(f"{self.url}/devices/{cuid}/sensors",
+                          json={"type": type, "name": name, "unit": unit},
+                          headers=self._app_headers(), timeout=30)
+        if r.status_code != 201:
+            raise RuntimeError(f"sensor refused: {r.status_code} {r.text}")
+        return r.json()["data"]
+
+    def set_role(self, role: str) -> dict:
+        """The seeded account's role (GROWER at start; USER may not create sensors)."""
+        return self._hook("POST", "role", json={"role": role})
 
 
 # -- RTDB REST stand-in ------------------------------------------------------------------------

@@ -6,6 +6,9 @@ and the tests talk to over real HTTP. Faithful, not convenient: it rejects what 
 backend would reject. Admin endpoints (``/api/v1/admin/...``, no auth, loopback only) issue
 commands, inspect what arrived and switch faults on (503s, latency, dropped connections, 401s
 to everything for a while, readings refused with a 400, a lower per-request limit).
+
+``--profile mash`` serves instead a replica of the backend the MASH team deployed (CONTRACT
+§9, ``mash.devserver.mash``), bugs included, with its test hooks under ``/__replica/``.
 """
 from __future__ import annotations
 
@@ -16,12 +19,20 @@ import requests
 
 from mash.config import Settings
 from mash.devserver.backend import Backend
-from mash.devserver.http import PREFIX, Handler
+from mash.devserver.http import PREFIX, Handler, MashHandler
+from mash.devserver.mash import MashBackend
 from mash.logs import setup_logging
 
 
-def serve(backend: Backend, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"backend": backend})
+# per profile: access ttl, refresh ttl, rate limit, rate window, a populated database
+PROFILE_DEFAULTS = {"guide": (900.0, 7 * 86400.0, 0, 60.0, False),
+                    "mash": (86400.0, 30 * 86400.0, 20, 60.0, True)}
+
+
+def serve(backend: Backend | MashBackend, host: str = "127.0.0.1",
+          port: int = 0) -> ThreadingHTTPServer:
+    base = MashHandler if isinstance(backend, MashBackend) else Handler
+    handler = type("BoundHandler", (base,), {"backend": backend})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -37,13 +48,25 @@ def main(args) -> int:
         s = Settings.load()
         if s.device_email and s.device_password:
             users = [(s.device_email, s.device_password)]
-    backend = Backend(args.db, secret=args.secret, access_ttl=args.access_ttl,
-                      refresh_ttl=args.refresh_ttl, rate_limit=args.rate_limit,
-                      rate_window=args.rate_window, users=users)
+    profile = getattr(args, "profile", None) or "guide"
+    given = (args.access_ttl, args.refresh_ttl, args.rate_limit, args.rate_window,
+             getattr(args, "populated", None))
+    access_ttl, refresh_ttl, rate_limit, rate_window, populated = (
+        default if value is None else value
+        for value, default in zip(given, PROFILE_DEFAULTS[profile]))
+    if profile == "mash":
+        os.makedirs(os.path.dirname(os.path.abspath(args.db)), exist_ok=True)
+        backend = MashBackend(args.db, secret=args.secret, access_ttl=access_ttl,
+                              refresh_ttl=refresh_ttl, rate_limit=rate_limit,
+                              rate_window=rate_window, users=users, populated=populated)
+    else:
+        backend = Backend(args.db, secret=args.secret, access_ttl=access_ttl,
+                          refresh_ttl=refresh_ttl, rate_limit=rate_limit,
+                          rate_window=rate_window, users=users)
     server = serve(backend, args.host, args.port)
     host, port = server.server_address[:2]
-    print(f"mash devserver listening on http://{host}:{port}{PREFIX} "
-          f"(accounts: {', '.join(u for u, _ in users) or 'none'})", flush=True)
+    print(f"mash devserver listening on http://{host}:{port}{PREFIX} (profile {profile}, "
+          f"accounts: {', '.join(u for u, _ in users) or 'none'})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

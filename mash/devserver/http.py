@@ -1,4 +1,5 @@
-"""The reference backend over HTTP: routing, the envelope, admin endpoints."""
+"""The reference backend over HTTP: routing, the envelope, admin endpoints (profile
+``guide``); ``MashHandler``, the thin shell of the ``mash`` profile's replica."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 from mash.devserver.backend import Backend, HTTPError
+from mash.devserver.mash import MashBackend
 from mash.devserver.schema import MAX_BODY, _iso_now
 
 log = logging.getLogger("mash.devserver")
@@ -148,3 +150,60 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
 
+
+
+class MashHandler(BaseHTTPRequestHandler):
+    """The HTTP shell of the ``mash`` profile (CONTRACT §9): reads one request, hands it to
+    ``MashBackend.handle`` and writes its Reply, or closes the connection without an answer
+    (the ``drop_for`` and ``lose_answer_next`` faults)."""
+    server_version = "mash-replica/1"
+    protocol_version = "HTTP/1.1"
+    backend: MashBackend = None      # set by serve()
+    MAX_READ = 16 * 1024 * 1024      # read (and discard) a body this big rather than reset
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(2)
+        except OSError:
+            pass
+
+    def _dispatch(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > self.MAX_READ:
+            return self._drop()
+        raw = self.rfile.read(length) if length else b""
+        reply = self.backend.handle(method, self.path, self.headers, raw, self.client_address[0])
+        if reply is None or reply.lose:
+            return self._drop()
+        self.send_response(reply.status)
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(reply.body)))
+        # headers and body in one write (see Handler._send)
+        self._headers_buffer.append(b"\r\n" + (b"" if method == "HEAD" else reply.body))
+        self.flush_headers()
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
