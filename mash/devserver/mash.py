@@ -342,6 +342,7 @@ class MashBackend:
         self.faults = Faults()
         self.windows: dict = {}                       # (ip, url) -> [window start, hits]
         self.requests = self.throttled = self.lost = 0
+        self.health: list[dict] = []           # POST /devices/:id/health records
         self.per_path: Counter = Counter()
         self.history: deque = deque(maxlen=100000)    # one dict per routed request
         self.seeded = [email for email, _ in users]
@@ -489,6 +490,7 @@ class MashBackend:
         ("POST", r"devices/([^/]+)/command", "send_command", True),
         ("GET", r"devices/([^/]+)/commands", "list_commands", True),
         ("GET", r"devices/([^/]+)/configuration", "configuration", True),
+        ("POST", r"devices/([^/]+)/health", "post_health", True),
         ("POST", r"sensors/([^/]+)/data/batch", "batch_ingest", True),
     ]
 
@@ -796,6 +798,19 @@ class MashBackend:
                 .order_by(DeviceCommand.sent_at.desc(), DeviceCommand.id.desc()).limit(50))
         return 200, {"commands": [self._command_json(c) for c in rows]}
 
+    HEALTH_FIELDS = ("cpuUsage", "memoryUsage", "diskUsage", "temperature", "batteryLevel",
+                     "networkLatency", "uptime", "errorCount")
+
+    def post_health(self, cuid_, body, user, **_) -> tuple[int, dict]:
+        """A ``DeviceHealth`` record (its columns, numbers; CONTRACT §9 names them): kept
+        in memory, listed by the state hook as ``health``."""
+        self._dto(body, {k: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                         for k in self.HEALTH_FIELDS})
+        self._find_one(cuid_, user)
+        record = {"deviceId": cuid_, "timestamp": js_now(), **body}
+        self.health.append(record)
+        return 201, record
+
     def configuration(self, cuid_, user, **_) -> tuple[int, dict]:
         self._find_one(cuid_, user)
         return 200, {"deviceId": cuid_, "configuration": json.loads(json.dumps(CONFIG_PLACEHOLDER))}
@@ -864,6 +879,7 @@ class MashBackend:
             "history": list(self.history),
             "rate_limit": self.rate_limit, "rate_window": self.rate_window,
             "faults": self.faults.as_dict(),
+            "health": [h for h in self.health if h["deviceId"] in ids],
         }
 
     def hook_faults(self, body: dict) -> dict:

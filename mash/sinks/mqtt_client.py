@@ -139,6 +139,7 @@ class MQTTClient:
         # the deployed MASH backend's topics for this device (CONTRACT §9): topic -> kind
         self.backend_topics: dict[str, str] = {}
         self._backend_callback = None
+        self._session_up = False           # a connection is up (its subscriptions made)
         self._connected = threading.Event()
         self._lock = threading.RLock()
         self._pending: dict[int, callable] = {}    # mid -> on_confirm
@@ -184,7 +185,10 @@ class MQTTClient:
             return
         self.last_error = self.last_error_kind = None
         client.subscribe(self.topic("commands"), qos=1)
-        for topic in list(self.backend_topics):
+        with self._lock:               # against watch_backend_device: one of us subscribes
+            self._session_up = True
+            topics = list(self.backend_topics)
+        for topic in topics:
             client.subscribe(topic, qos=1)
         log.info("MQTT connected to %s:%s", self.settings.mqtt_broker, self.settings.mqtt_port)
         self.publish_status("online")
@@ -195,6 +199,8 @@ class MQTTClient:
         if self._connected.is_set() and not self._closing:
             log.warning("MQTT offline (%s); reconnecting by itself", reason_code)
         was = self._connected.is_set()
+        with self._lock:
+            self._session_up = False
         self._connected.clear()
         if was:
             self._notify(False)
@@ -280,11 +286,13 @@ class MQTTClient:
         topics = {f"devices/{device}/command": "command", f"devices/{device}/config": "config",
                   f"devices/{device}/request/status": "request_status"}
         self._backend_callback = callback
-        if topics == self.backend_topics:
-            return
-        old = [t for t in self.backend_topics if t not in topics]
-        self.backend_topics = topics
-        if self.enabled and self.is_alive():
+        with self._lock:
+            if topics == self.backend_topics:
+                return
+            old = [t for t in self.backend_topics if t not in topics]
+            self.backend_topics = topics
+            up = self._session_up
+        if self.enabled and up:
             if old:
                 self.client.unsubscribe(old)
             for topic in topics:

@@ -11,7 +11,7 @@ import logging
 from huey import SqliteHuey
 from huey.exceptions import CancelExecution, RetryTask
 
-from mash.sinks.errors import RetryableError
+from mash.sinks.errors import DeviceUnknown, RetryableError
 
 log = logging.getLogger("mash.worker")
 
@@ -45,6 +45,12 @@ def run_job(job, ctx):
     DEBUG."""
     try:
         return job(ctx)
+    except DeviceUnknown as exc:
+        # the backend lacks our device: recorded and logged once (``sync.ensure_registered``),
+        # asked again when due by the job's own next run, never a queued retry that would
+        # outlive a restart and hold the job back after the device exists
+        log.debug("%s skipped: %s", job.__name__, exc)
+        return None
     except RetryableError as exc:
         log.debug("%s will be retried: %s", job.__name__, exc, exc_info=True)
         if exc.retry_after:

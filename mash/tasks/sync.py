@@ -96,6 +96,15 @@ def ensure_registered(ctx) -> None:
         backend_call(ctx, backend.register_device)
         ctx.registered = True
         return
+    with _register_lock:         # the worker's two threads: one registration, one log line
+        if not ctx.registered:
+            _register_mash(ctx, backend)
+
+
+_register_lock = threading.Lock()
+
+
+def _register_mash(ctx, backend) -> None:
     store, now = ctx.store, time.monotonic()
     known = store.meta_get(IDENTITY) or {}
     if getattr(ctx, "identity_retry_at", 0.0) > now:
