@@ -17,17 +17,18 @@ from mash.simulator import SimulatedBoard
 from mash.sinks.backend_api import BackendAPIClient, match_sensors
 from mash.sinks.errors import DeviceUnknown
 from mash.tasks.sync import INFLIGHT, sensor_key, sync_readings
-from tests.services import ROOT, stop_process, wait_for
+from tests.services import ROOT, Gateway, wait_for
 
 SERIAL = "MASH-B2-CAL26-CE637C"
 METRICS = ("temperature", "humidity", "co2")
 
 
-class Farm:
-    """A simulated board, reader.py and a worker (huey_consumer) on the mash profile."""
+class Farm(Gateway):
+    """A simulated board, reader.py and a worker (huey_consumer) on the mash profile: the
+    Gateway of tests/services.py without the RTDB stand-in (Firebase off)."""
 
     def __init__(self, base, backend, broker, interval=0.05, **env):
-        self.base, self.backend = base, backend
+        self.dir = self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.data = base / "data"
         self.board = SimulatedBoard(interval=interval, link=base / "ttyMASH", seed=5).start(banner=False)
@@ -36,35 +37,11 @@ class Farm:
                     "FIREBASE_DATABASE_URL": "", "SYNC_INTERVAL": "2", "COMMAND_POLL_INTERVAL": "1",
                     "HEARTBEAT_INTERVAL": "2", "BACKEND_TIMEOUT": "2", "CONTROL_MODE": "off",
                     "BACKEND_MAX_RPM": "600", **env}
-        self.log = open(base / "farm.log", "ab")
+        self.log = open(base / "gateway.log", "ab")
         self.reader = self.worker = None
-
-    def start_reader(self):
-        self.reader = subprocess.Popen([sys.executable, str(ROOT / "reader.py")], env=self.env,
-                                       cwd=str(self.base), stdout=self.log, stderr=self.log)
-
-    def start_worker(self):
-        self.worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=self.env,
-                                       cwd=str(self.base), stdout=self.log, stderr=self.log)
-
-    def mash(self, *args):
-        return subprocess.run([sys.executable, "-m", "mash", *args], env=self.env,
-                              cwd=str(self.base), capture_output=True, text=True, timeout=60)
 
     def store(self) -> Store:
         return Store(self.data / "mash.db")
-
-    def stop(self):
-        for p in (self.reader, self.worker):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (self.reader, self.worker):
-            stop_process(p, timeout=20)
-        self.board.stop()
-
-    def logs(self) -> str:
-        self.log.flush()
-        return (self.base / "farm.log").read_text(errors="replace")
 
 
 @pytest.fixture

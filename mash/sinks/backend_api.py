@@ -100,6 +100,15 @@ def _inner(data):
     return data
 
 
+def _listed(data, key: str, bare: bool = False) -> list:
+    """``data[key]`` of a list answer (with ``bare``, a list as the answer itself), or
+    RetryableError (an answer we cannot read)."""
+    items = data.get(key) if isinstance(data, dict) else data if bare else None
+    if not isinstance(items, list):
+        raise RetryableError(f"{key} answer has no {key!r} list")
+    return items
+
+
 def unwrap(body):
     """The payload of a wrapped (``{"success":true,"data":...}``) or bare response."""
     if isinstance(body, dict) and "success" in body and "data" in body:
@@ -513,11 +522,8 @@ class BackendAPIClient:
 
     def list_sensors(self) -> list[dict]:
         """GET /devices/:cuid/sensors (deployed backend)."""
-        data = self._send("GET", self._device_path("/sensors"), priority=BACKLOG)
-        sensors = data.get("sensors") if isinstance(data, dict) else data
-        if not isinstance(sensors, list):
-            raise RetryableError("sensor list answer has no 'sensors' list")
-        return sensors
+        return _listed(self._send("GET", self._device_path("/sensors"), priority=BACKLOG),
+                       "sensors", bare=True)
 
     def create_sensor(self, room: str, metric: str) -> dict:
         """POST /devices/:cuid/sensors for one room's metric (a GROWER or ADMIN account)."""
@@ -555,11 +561,8 @@ class BackendAPIClient:
         return result
 
     def fetch_commands(self) -> list[dict]:
-        data = self._send("GET", self._device_path("/commands"), priority=COMMANDS)
-        commands = data.get("commands") if isinstance(data, dict) else None
-        if not isinstance(commands, list):
-            raise RetryableError("commands answer has no 'commands' list")
-        return commands
+        return _listed(self._send("GET", self._device_path("/commands"), priority=COMMANDS),
+                       "commands")
 
     def ack_command(self, command_id: str, status: str, response: dict | None = None,
                     acknowledged_at: str | None = None) -> dict:
