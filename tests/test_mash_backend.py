@@ -35,7 +35,9 @@ class Farm(Gateway):
         self.env = {**os.environ, **backend.env(), **broker.env(), "MASH_DATA_DIR": str(self.data),
                     "DEVICE_ID": SERIAL, "SERIAL_PORT": self.board.port, "PYTHONPATH": str(ROOT),
                     "FIREBASE_DATABASE_URL": "", "SYNC_INTERVAL": "2", "COMMAND_POLL_INTERVAL": "1",
-                    "HEARTBEAT_INTERVAL": "2", "BACKEND_TIMEOUT": "2", "CONTROL_MODE": "off",
+                    # a heartbeat every 5 s: 12 PATCHes a minute, under the per-URL budget (18),
+                    # so the OFFLINE of a clean stop is never the one held back
+                    "HEARTBEAT_INTERVAL": "5", "BACKEND_TIMEOUT": "2", "CONTROL_MODE": "off",
                     "BACKEND_MAX_RPM": "600", **env}
         self.log = open(base / "gateway.log", "ab")
         self.reader = self.worker = None
