@@ -156,3 +156,35 @@ def test_clean_disconnect_leaves_retained_offline(broker, observer, mqtt_for):
     mqtt.disconnect()
     wait_for(lambda: observer.on("clean_gw/status") and observer.on("clean_gw/status")[-1]["status"] == "offline",
              what="offline status")
+
+
+def test_reconnect_waits_are_full_jitter_and_reset_only_after_a_connection_held_60_s():
+    import random
+    import statistics
+
+    from mash.sinks.mqtt_client import Reconnects
+
+    now = [0.0]
+    random.seed(20)                       # tenacity draws from the module's random source
+    waits = Reconnects(first=1.0, cap=30.0, held=60.0, clock=lambda: now[0])
+    # past the cap (attempt 6: 32 s > 30 s) every wait is uniform in [0, 30]
+    draws = []
+    for _ in range(2000):
+        waits.attempt = 10
+        draws.append(waits.next_delay())
+    assert 0.0 <= min(draws) < 1.0 and 29.0 < max(draws) <= 30.0
+    assert 13.5 < statistics.mean(draws) < 16.5, statistics.mean(draws)
+    spread = sorted(draws)
+    assert spread[1900] - spread[100] > 25, "5th to 95th percentile spans most of the window"
+    # the window doubles per attempt: the third attempt waits at most 4 s
+    fresh = Reconnects(first=1.0, cap=30.0, clock=lambda: now[0])
+    assert [fresh.next_delay() <= bound for bound in (1, 2, 4)] == [True] * 3
+    # a connection dropped after 10 s keeps the count; one held 60 s resets it
+    fresh.connected()
+    now[0] += 10
+    fresh.next_delay()
+    assert fresh.attempt == 4
+    fresh.connected()
+    now[0] += 60
+    fresh.next_delay()
+    assert fresh.attempt == 1

@@ -1,7 +1,9 @@
 """The MQTT link (CONTRACT.md section 3): TLS, a persistent session, a retained last will.
 
-paho-mqtt's own loop thread owns the socket and reconnects with backoff
-(``reconnect_delay_set``), including when the network is down at boot (``connect_async``).
+paho-mqtt's own loop thread owns the socket and reconnects, including when the network is down
+at boot (``connect_async``). paho's own backoff doubles with no randomness, so a fleet behind
+one broker restart would come back in lockstep: before each wait we set it to one draw of
+tenacity's full jitter (``Reconnects``), which resets only after a connection held 60 s.
 paho keeps unconfirmed QoS 1 messages in memory only, so callers that must not lose a message
 (alerts, command acks) keep it in SQLite and pass ``on_confirm``: it runs when the broker's
 PUBACK arrives, and only then do they mark it delivered.
@@ -16,6 +18,7 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
+import tenacity
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mash.clock import iso, utcnow
@@ -27,6 +30,33 @@ log = logging.getLogger("mash.mqtt")
 
 def _nothing() -> None:
     pass
+
+
+class Reconnects:
+    """The wait before each reconnect: full jitter (uniform in [0, min(cap, first * 2**n)])
+    over the n-th attempt since the last connection that was held ``held`` seconds; a
+    connection that drops sooner does not reset it, so a flapping broker keeps us backing off.
+    The clock and the random source are injectable for the tests."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0, held: float = 60.0,
+                 clock=time.monotonic):
+        self._wait = tenacity.wait_random_exponential(multiplier=first, max=cap)
+        self.held, self.clock = held, clock
+        self.attempt = 0
+        self._up_since: float | None = None
+
+    def connected(self) -> None:
+        self._up_since = self.clock()
+
+    def next_delay(self) -> float:
+        """Called once per failed connect or lost connection: the seconds to wait."""
+        if self._up_since is not None and self.clock() - self._up_since >= self.held:
+            self.attempt = 0
+        self._up_since = None
+        self.attempt += 1
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+        state.attempt_number = self.attempt
+        return self._wait(state)
 
 
 class _PahoNoise(logging.Filter):
@@ -161,10 +191,12 @@ class MQTTClient:
         c = paho_client(s, f"mash-{self.device_id}", clean_session=False)
         c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
                                                      "status": "offline"}), qos=1, retain=True)
+        self.reconnects = Reconnects()
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.enable_logger(logging.getLogger("mash.mqtt.paho"))   # packet log at DEBUG only
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         self.client = c
@@ -184,6 +216,7 @@ class MQTTClient:
             self.last_error, self.last_error_kind = reason, kind
             return
         self.last_error = self.last_error_kind = None
+        self.reconnects.connected()
         client.subscribe(self.topic("commands"), qos=1)
         with self._lock:               # against watch_backend_device: one of us subscribes
             self._session_up = True
@@ -195,7 +228,16 @@ class MQTTClient:
         self._connected.set()       # after "online": a later "offline" must not overtake it
         self._notify(True)
 
+    def _jitter_next_wait(self, client) -> None:
+        # paho waits min(its delay * 2, max) next; both set to one draw makes that the draw
+        delay = self.reconnects.next_delay()
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)
+
+    def _on_connect_fail(self, client, userdata):
+        self._jitter_next_wait(client)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._jitter_next_wait(client)
         if self._connected.is_set() and not self._closing:
             log.warning("MQTT offline (%s); reconnecting by itself", reason_code)
         was = self._connected.is_set()
