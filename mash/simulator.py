@@ -202,8 +202,9 @@ class SimulatedBoard:
             self._sim_at = now
 
     def _banner(self) -> None:
-        self._write("".join(line + "\r\n" for line in BANNER).encode())
+        # counted before it is written: whoever reads the banner then finds it counted
         self.boots += 1
+        self._write("".join(line + "\r\n" for line in BANNER).encode())
 
     def _drift(self) -> None:
         for room, vals in self._values.items():
