@@ -444,3 +444,29 @@ def test_device_status_waits_five_minutes_before_error():
     dead = {"reader": {"alive": False, "age_s": 400, "at": "2026-11-27T11:53:20.000Z"}}
     assert status.device_status(dead, now)[0] == "ERROR"
     assert status.device_status({}, now) == ("ONLINE", None)
+
+
+def test_a_fleets_first_runs_are_spread_over_the_interval_by_serial_and_stable_per_device():
+    from mash.tasks.schedule import phase
+    serials = [f"MASH-{n:06d}" for n in range(1000)]
+    first = [phase(s, "sync", 60.0) for s in serials]
+    assert all(0.0 <= p < 60.0 for p in first)
+    assert first == [phase(s, "sync", 60.0) for s in serials], "the same device, the same phase"
+    # uniform: every 6 s tenth of the minute holds 5-15 % of the fleet, no second more than 5 %
+    tenths = [sum(1 for p in first if k * 6 <= p < (k + 1) * 6) for k in range(10)]
+    assert all(50 <= n <= 150 for n in tenths), tenths
+    assert max(sum(1 for p in first if k <= p < k + 1) for k in range(60)) <= 50
+    # each job of one device its own phase: a device does not sync and poll at the same moment
+    assert phase("MASH-000001", "sync", 60.0) != phase("MASH-000001", "poll", 60.0)
+
+
+def test_the_scheduler_waits_each_phased_jobs_phase_before_its_first_run(gateway):
+    from mash.tasks.schedule import IntervalScheduler, phase
+    add_backlog(gateway.store, 3)
+    scheduler = IntervalScheduler(gateway, tasks.periodic_jobs(), tasks._busy_job)
+    start = time.monotonic()
+    wait = phase(gateway.settings.device_id, "sync", gateway.intervals["sync"])
+    assert wait > 1.0, "this device's phase is not trivially short"
+    assert "sync" not in scheduler.step(start + wait - 0.5, set())
+    assert "sync" in scheduler.step(start + wait + 0.01, set())
+    tasks.huey.storage.flush_queue()

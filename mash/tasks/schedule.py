@@ -7,12 +7,19 @@ neither queued, running nor waiting for a retry (a backlog during an outage gets
 chain, not a new run every interval). The queue lives in RAM, so an enqueue costs the SD
 card nothing, and Huey runs, retries and shows every job.
 
+A fleet must not run in lockstep: a thousand gateways started by one power cut's return would
+otherwise sync, poll and pull their configuration at the same seconds. So the jobs in
+``PHASED`` first run after ``phase(serial, job, interval)``: a stable part of their interval
+derived from the device's serial, spreading the fleet evenly over it. Each later run follows
+the one before by the interval, so the phase holds. The heartbeat and deliveries start at once.
+
 It also watches SQLite's ``data_version`` (a read, no write): when another connection
 commits and a sink is owed something (the reader's alert or command outcome), delivery is
 enqueued within a tick.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +30,14 @@ from mash.tasks.loop import BackgroundLoop
 log = logging.getLogger("mash.worker")
 
 TICK = 0.5      # s: a delivery waits at most this long for its enqueue
+PHASED = ("sync", "backup_firebase", "backup_aggregates", "poll", "pull_configuration")
+
+
+def phase(serial: str, job: str, interval: float) -> float:
+    """Seconds in ``[0, interval)`` this device waits before ``job``'s first run: the same on
+    every start of the same device, and uniform across devices (a hash of serial and job)."""
+    digest = hashlib.sha256(f"{serial}/{job}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 * interval
 
 
 @dataclass
@@ -41,7 +56,9 @@ class IntervalScheduler(BackgroundLoop):
         self.ctx, self.jobs, self.busy = ctx, jobs, busy
         self.on_tick = on_tick or (lambda: None)     # each tick: the systemd watchdog's ping
         now = time.monotonic()
-        self._next = {job.name: now for job in jobs}
+        serial = ctx.settings.device_id
+        self._next = {job.name: now + (phase(serial, job.name, ctx.intervals[job.interval or job.name])
+                                       if job.name in PHASED else 0.0) for job in jobs}
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
 
     def wake(self) -> None:
