@@ -239,12 +239,16 @@ def test_kill_9_mid_upload_duplicates_only_an_unanswered_batch_and_counts_it(far
     # lost on the way); the worker is killed right after, its bookkeeping unfinished
     mash_backend.faults(lose_answer_next=1, lose_path="/data/batch")
     farm.start_worker()
+    # an hour's interval: the first sync after a start waits its phase, so ask for it as a
+    # grower would (`mash sync`)
+    assert farm.mash("sync").returncode == 0
     wait_for(lambda: mash_backend.state(SERIAL)["lost"] >= 1, timeout=60, interval=0.02,
              what="an answer lost")
     assert store.meta_get(INFLIGHT)                 # the batch is still written down in flight
     farm.worker.send_signal(signal.SIGKILL)
     farm.worker.wait(10)
     farm.start_worker()
+    assert farm.mash("sync").returncode == 0
     wait_for(lambda: store.pending_count() == 0, timeout=90, what="drained after the kill")
     up, mine = uploaded(mash_backend), stored(store)
     extra = 0
