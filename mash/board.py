@@ -57,6 +57,7 @@ class BoardCommands:
         self.auto: deque[tuple[str, str, str]] = deque()
         self._next_ledger = 0.0
         self._data_version = None
+        self._hint = False
 
     def submit(self, command_id: str, actuator: str, state: str) -> None:
         """A command of the climate controller's, written before the ledger's next one."""
@@ -67,6 +68,20 @@ class BoardCommands:
         change what ``data_version`` reports to it)."""
         self._next_ledger = 0.0
         self._data_version = None
+
+    def hinted(self) -> None:
+        """Another process committed (a wake-up hint): look at the ledger when next due."""
+        self._hint = True
+
+    def next_look(self, now: float, idle: float) -> float:
+        """Seconds the reader may wait before ``drive`` has something to do: a tenth while a
+        command is under way, until the ledger's next look after a hint (looks stay
+        ``LEDGER_POLL`` apart however many commits there are), else ``idle``."""
+        if self.inflight or self.resync or self.auto:
+            return self.LEDGER_POLL
+        if self._hint and not self.holding():
+            return max(0.0, min(idle, self._next_ledger - now))
+        return idle
 
     def on_reconnect(self) -> None:
         """A new link: a command written on the old one is written again."""
@@ -173,6 +188,7 @@ class BoardCommands:
         if now < self._next_ledger or self.holding():
             return
         self._next_ledger = now + self.LEDGER_POLL
+        self._hint = False
         version = self.store.data_version()
         if version == self._data_version:
             return

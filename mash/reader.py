@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import signal
 import sys
 import threading
@@ -67,11 +68,18 @@ class Reader:
     RECONNECT_MAX = 2.0
     UNSTORED_MAX = 50_000   # held writes (reading lines and the rest): days at the board's rate
     BEAT_EVERY = 60.0       # s between heartbeat rows (mash status, mash doctor)
+    IDLE_WAIT = 1.0         # wall s between chores when the board says nothing (with hints)
 
     def __init__(self, settings: Settings, store: Store | None = None, clock=time.monotonic,
-                 wallclock=None, clock_source: ClockSource | None = None):
+                 wallclock=None, clock_source: ClockSource | None = None,
+                 idle_wait: float | None = None):
+        """``clock``/``wallclock``: the controller's clocks (a test's may run faster than
+        the wall; it then passes an ``idle_wait`` as short as the controller needs)."""
         self.settings = settings
         self.store = store or Store(settings.db_path)
+        # woken by other processes' commits (a command for the board) instead of polling
+        self.hint = self.store.listen()
+        self.idle_wait = self.IDLE_WAIT if idle_wait is None else idle_wait
         self.stop_event = threading.Event()
         self.engine = AlertEngine(settings.thresholds, settings.stale_after,
                                   active=self.store.active_alert_keys(), clock=clock)
@@ -113,6 +121,8 @@ class Reader:
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self, *_):
         self.stop_event.set()
+        if self.hint is not None:
+            self.hint.interrupt()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
@@ -173,6 +183,9 @@ class Reader:
             self.flush_counts()
             self.board_state = {**self.board_state, "connected": False}
             self._beat(stopped=True)
+            if self.hint is not None:
+                self.hint.close()
+                self.hint = None
             if self._sim:
                 self._sim.stop()
             if self.unstored:
@@ -215,9 +228,13 @@ class Reader:
         try:
             # No reset_input_buffer(): what the board said while we were away (a banner
             # after a replug, readings during a restart) is real and is read, not dropped.
+            poller = select.poll()
+            poller.register(link.fileno(), select.POLLIN)
+            if self.hint is not None:
+                poller.register(self.hint.fileno(), select.POLLIN)
             while not self.stop_event.is_set():
                 self.watchdog.ping()
-                chunk = link.read(link.in_waiting or 1)
+                chunk = self._read(link, poller)
                 now = time.monotonic()
                 with self._guard():
                     if chunk:
@@ -249,6 +266,22 @@ class Reader:
         except (serial.SerialException, OSError) as exc:
             return str(exc) or exc.__class__.__name__
         return None
+
+    def _read(self, link: serial.Serial, poller) -> bytes:
+        """What the board sent, after waiting for it up to ``idle_wait`` (less while a command
+        is under way: ``BoardCommands.next_look``; the port's 0.1 s timeout when there are no
+        hints to wake us). A hint (another process committed: maybe a command for the board)
+        ends the wait early."""
+        if self.hint is None:
+            return link.read(link.in_waiting or 1)          # the port's own 0.1 s timeout
+        wait = self.board.next_look(time.monotonic(), self.idle_wait)
+        ready = dict(poller.poll(int(wait * 1000)))
+        if self.hint.fileno() in ready and self.hint.drain():
+            self.board.hinted()
+        if link.fileno() in ready:
+            # readable with nothing to read is a hang-up: pyserial raises, the session ends
+            return link.read(link.in_waiting or 1)
+        return b""
 
     def _write(self, link: serial.Serial, data: bytes) -> None:
         link.write(data)

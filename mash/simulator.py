@@ -335,6 +335,9 @@ class SimulatedBoard:
                     chunk = os.read(fd, 4096)
                 except (BlockingIOError, OSError):
                     chunk = b""
+                if self._opened_by_host():      # opened since the loop's top: DTR first
+                    boot_at = time.monotonic() + BOOT_TIME
+                    self._all_off()
                 if boot_at is not None:
                     chunk = buf = b""   # the bootloader runs: no sketch reads the line yet
                 buf += chunk

@@ -1,6 +1,6 @@
 """``python worker.py`` / ``mash worker``: the Huey consumer with the gateway's settings.
 
-The same as ``huey_consumer mash.tasks.huey -w 2 -k thread -d 0.01 -m 0.5 -f`` (see
+The same as ``huey_consumer mash.tasks.huey -w 2 -k thread -d 0.01 -b 1.5 -m 0.9 -f`` (see
 ``mash.tasks.queue`` for why those flags); a bare ``huey_consumer mash.tasks.huey`` works
 too: the start-up hook flushes stale locks and starts the worker's service either way.
 """

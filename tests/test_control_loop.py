@@ -35,7 +35,7 @@ def chamber_loop(make_settings, tmp_path):
         store = Store(settings.db_path)
         if configuration:
             store.meta_set("configuration", configuration)
-        reader = Reader(settings, clock=clock.now, wallclock=clock.wall)
+        reader = Reader(settings, clock=clock.now, wallclock=clock.wall, idle_wait=1.0 / speed)
         thread = threading.Thread(target=reader.run, daemon=True)
         thread.start()
         started.append((reader, thread, board))

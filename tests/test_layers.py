@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mash"
 
 # Bottom to top. A module may import from its own layer or any layer below.
 LAYERS = [
-    ("foundation", ["mash", "mash.contract", "mash.config", "mash.clock", "mash.ids", "mash.logs",
+    ("foundation", ["mash", "mash.contract", "mash.config", "mash.clock", "mash.ids", "mash.logs", "mash.wakeup",
                     "mash.rules", "mash.sdnotify", "mash.releases", "mash.health"]),
     ("store", ["mash.models", "mash.models.*"]),
     ("logic", ["mash.protocol", "mash.alerts", "mash.commands", "mash.control", "mash.chamber",

@@ -19,15 +19,19 @@ BACKEND_LISTED = "commands.backend_listed"
 
 
 def writes(method):
-    """Mark a Store method that writes: it runs under the store's write lock.
+    """Mark a Store method that writes: it runs under the store's write lock, and its commit
+    wakes the store's listeners (``Store.changed``).
 
     SQLite serialises writers anyway, but a thread that finds the database locked sleeps in
     SQLite's busy handler (1, 2, 5 ... 100 ms steps); a Python lock wakes the next writer as
     soon as the last one commits."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
+        try:
+            with self._lock:
+                return method(self, *args, **kwargs)
+        finally:
+            self.changed()
     return locked
 
 

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 from peewee import DatabaseError, SqliteDatabase, fn
 
-from mash import __version__, ids
+from mash import __version__, ids, wakeup
 from mash.clock import from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import ROOMS
@@ -165,6 +165,9 @@ class Store(LedgerMixin):
                           database=f"file:{self.path}?mode=ro" if readonly else str(self.path),
                           uri=readonly, timeout=30, lock_type="IMMEDIATE", pragmas=pragmas)
         self._lock = threading.RLock()
+        # every commit of a writing store wakes the other processes' waiting loops (a hint
+        # with no data in it: mash.wakeup)
+        self.hints = None if readonly else wakeup.Hints(wakeup.directory_for(self.path))
         self.m = bind_models(self.db)
         self.outbox = Outbox(self.m)
         self._last_fb_key: dict[str, str] = {}
@@ -265,6 +268,18 @@ class Store(LedgerMixin):
         threads."""
         with self._lock, self.db.atomic():
             yield
+        self.changed()
+
+    def changed(self) -> None:
+        """After a commit: tell the listeners of this file to look again (``listen``).
+        Inside an outer transaction nothing is committed yet: its end tells them."""
+        if self.hints is not None and not self.db.in_transaction():
+            self.hints.notify()
+
+    def listen(self) -> wakeup.Listener | None:
+        """A listener woken after each commit of any writing store on this file, in any
+        process; None when hints cannot work here (poll ``data_version`` instead)."""
+        return wakeup.listen(self.path)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: a free "anything new?" check."""

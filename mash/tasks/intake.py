@@ -209,11 +209,16 @@ class MQTTIntake(BackgroundLoop):
         """A message on one of the deployed MASH backend's topics for this device."""
         self.offer((kind, topic, raw))
 
+    def wake(self) -> None:
+        try:
+            self.payloads.put_nowait(None)   # stop(): the blocked get returns
+        except queue.Full:                   # busy: it sees the stop after this payload
+            pass
+
     def run_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                raw = self.payloads.get(timeout=0.5)
-            except queue.Empty:
+            raw = self.payloads.get()    # nothing to do until paho hands us a payload
+            if raw is None:
                 continue
             try:
                 if isinstance(raw, tuple):

@@ -2,7 +2,8 @@
 the retained ``actuator_states`` whenever a relay or a room's mode changes; and the MASH
 apps' live values in Firebase (``FirebaseLiveFeed``).
 
-It watches SQLite's ``data_version`` (no write, no queue). Readings taken while the broker
+It watches SQLite's ``data_version`` (no write, no queue) when the store's wake-up hints say
+another process committed (``HintRelay``), and every ``FALLBACK`` s in case one was lost. Readings taken while the broker
 was away are not replayed here: they reach the backend and Firebase with their timestamps,
 which is where history belongs; a day of readings on a "now" topic would set off dashboards
 on stale values and flood a metered uplink just as it comes back. A simulated board's
@@ -23,7 +24,8 @@ log = logging.getLogger("mash.worker")
 
 
 class LiveFeed(BackgroundLoop):
-    POLL = 0.05
+    POLL = 0.05         # s between looks without wake-up hints
+    FALLBACK = 5.0      # s between looks with them (a hint may be lost, never a reading)
     BATCH = 500
     thread_name = "live-feed"
 
@@ -52,7 +54,7 @@ class LiveFeed(BackgroundLoop):
             except Exception:
                 log.exception("live feed step failed")
                 self._stop.wait(1.0)
-            self._stop.wait(self.POLL)
+            self.pause(self.POLL, self.FALLBACK)
 
     def _step(self, last_id: int) -> int:
         """Publish the readings past ``last_id``; returns the new ``last_id``.
@@ -105,6 +107,7 @@ class FirebaseLiveFeed(BackgroundLoop):
     an outage the apps see the present at once, not a replay, and a drain never writes an
     older reading over a newer one (history goes to ``historical_aggregates``)."""
     POLL = 0.25
+    FALLBACK = 5.0
     RETRY = 2.0
     thread_name = "firebase-live"
 
@@ -156,4 +159,4 @@ class FirebaseLiveFeed(BackgroundLoop):
             except Exception:
                 log.exception("Firebase live feed step failed")
                 self._stop.wait(1.0)
-            self._stop.wait(self.POLL)
+            self.pause(self.POLL, self.RETRY if failing else self.FALLBACK)

@@ -16,14 +16,15 @@ from mash.sinks.errors import DeviceUnknown, RetryableError
 log = logging.getLogger("mash.worker")
 
 # Consumer settings (``python worker.py``, the sync manager's in-process consumer).
-# Huey's default polling backs off to 10 s between polls; ``-d 0.01 -m 0.5`` picks a task up at
-# once after activity and within 0.5 s when idle (at ``-m 0.1`` the consumer alone took ~0.5 %
-# of a core). Two worker threads, so a long backlog drain never holds up an ack or an alert.
+# Huey's default polling backs off to 10 s between polls; ``-d 0.01 -b 1.5 -m 0.9`` picks a
+# task up at once after activity and within 0.9 s when idle (``mash sync`` within a second; at
+# ``-m 0.1`` the consumer alone took ~0.5 % of a core), and backs off to that in eleven polls.
+# Two worker threads, so a long backlog drain never holds up an ack or an alert.
 # SIGTERM (systemd's stop) and Ctrl-C let running tasks finish (at most 15 s).
-CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.15,
-                        max_delay=0.5, scheduler_interval=1, periodic=False, flush_locks=True,
+CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.5,
+                        max_delay=0.9, scheduler_interval=1, periodic=False, flush_locks=True,
                         check_worker_health=True, shutdown_timeout=15, graceful_signal="TERM")
-CONSUMER_FLAGS = "-w 2 -k thread -d 0.01 -m 0.5 -f"
+CONSUMER_FLAGS = "-w 2 -k thread -d 0.01 -b 1.5 -m 0.9 -f"
 
 
 def make_huey(path) -> SqliteHuey:

@@ -15,7 +15,8 @@ the one before by the interval, so the phase holds. The heartbeat and deliveries
 
 It also watches SQLite's ``data_version`` (a read, no write): when another connection
 commits and a sink is owed something (the reader's alert or command outcome), delivery is
-enqueued within a tick.
+enqueued at once. With the store's wake-up hints (``HintRelay``) it sleeps until the next job
+is due or a hint comes; without them it looks every ``TICK``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from mash.tasks.loop import BackgroundLoop
 
 log = logging.getLogger("mash.worker")
 
-TICK = 0.5      # s: a delivery waits at most this long for its enqueue
+TICK = 0.5      # s: without wake-up hints, a delivery waits at most this long for its enqueue
+LONGEST_SLEEP = 10.0    # s: with them, the longest sleep (the watchdog's ping, a lost hint)
 PHASED = ("sync", "backup_firebase", "backup_aggregates", "poll", "pull_configuration")
 
 
@@ -55,14 +57,12 @@ class IntervalScheduler(BackgroundLoop):
         super().__init__()
         self.ctx, self.jobs, self.busy = ctx, jobs, busy
         self.on_tick = on_tick or (lambda: None)     # each tick: the systemd watchdog's ping
+        self.changed = ctx.wakeup         # ctx.wake() and the store's hints (HintRelay) set it
         now = time.monotonic()
         serial = ctx.settings.device_id
         self._next = {job.name: now + (phase(serial, job.name, ctx.intervals[job.interval or job.name])
                                        if job.name in PHASED else 0.0) for job in jobs}
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
-
-    def wake(self) -> None:
-        self.ctx.wakeup.set()
 
     def run_loop(self) -> None:
         version = None
@@ -77,8 +77,12 @@ class IntervalScheduler(BackgroundLoop):
             except Exception:
                 log.exception("scheduler step failed")
             self.on_tick()
-            self.ctx.wakeup.wait(TICK)
-            self.ctx.wakeup.clear()
+            self.pause(TICK, self.sleep_for(time.monotonic()))
+
+    def sleep_for(self, now: float) -> float:
+        """Until the next job is due (with hints on, nothing else needs a look before)."""
+        soonest = min((self._next.get(job.name, 0.0) for job in self.jobs), default=now)
+        return min(LONGEST_SLEEP, max(0.01, soonest - now))
 
     def step(self, now: float, woken: set[str]) -> list[str]:
         """Enqueue every job that is due; returns their names."""

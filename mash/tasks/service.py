@@ -1,5 +1,6 @@
 """The worker's long-lived parts in one process: the MQTT link and its command intake, the
-interval scheduler and the live feed, started and stopped together.
+interval scheduler and the live feeds, and the relay of the store's wake-up hints they sleep
+on, started and stopped together.
 
 systemd's watchdog (``WatchdogSec=``) is pinged from the scheduler's loop, and only while the
 consumer shows it still runs tasks (``consumer_alive``): a hung scheduler or a consumer whose
@@ -12,6 +13,7 @@ from mash import sdnotify
 from mash.tasks import firebase_apps
 from mash.tasks.intake import FirebaseCommandQueue, MQTTIntake
 from mash.tasks.live import FirebaseLiveFeed, LiveFeed
+from mash.tasks.loop import HintRelay
 from mash.tasks.schedule import IntervalScheduler
 
 log = logging.getLogger("mash.worker")
@@ -28,6 +30,10 @@ class WorkerService:
         apps = firebase_apps.apps_on(ctx)          # the MASH apps' live values and commands
         self.fb_live = FirebaseLiveFeed(ctx) if live_feed and apps else None
         self.fb_commands = FirebaseCommandQueue(ctx) if apps else None
+        self.hints = HintRelay(ctx.store)     # the loops sleep until another process commits
+        for part in (self.scheduler, self.live, self.fb_live):
+            if part is not None:
+                self.hints.subscribe(part)
         self.connect_hooks: list = []     # called (in paho's thread) on every MQTT connect
         self.started = False
 
@@ -45,6 +51,7 @@ class WorkerService:
             ctx.mqtt.connect(timeout=0)
         ctx.store.beat("worker", ctx.intervals["heartbeat"])
         firebase_apps.announce(ctx)
+        self.hints.start()
         self.scheduler.start()
         for part in (self.live, self.fb_live, self.fb_commands):
             if part is not None:
@@ -63,7 +70,8 @@ class WorkerService:
         if not self.started:
             return
         self.started = False
-        for part in (self.fb_commands, self.fb_live, self.live, self.scheduler, self.intake):
+        for part in (self.fb_commands, self.fb_live, self.live, self.scheduler, self.intake,
+                     self.hints):
             if part is not None:
                 part.stop()
         firebase_apps.say_offline(self.ctx)
@@ -75,6 +83,8 @@ class WorkerService:
             self.ctx.store.sink_ok("mqtt")
             for hook in self.connect_hooks:
                 hook()
+            if self.live is not None:
+                self.live.wake()              # a new session: the retained states again
             self.ctx.wake("deliver")       # what waited for the broker goes now
         else:
             self.ctx.store.sink_failed("mqtt", "disconnected")
