@@ -735,6 +735,76 @@ def bench_phone(quick: bool):
         s.close()
 
 
+FLEET = {"gateways": 1000, "processes": 4, "outage": 60.0}
+
+
+def bench_fleet(quick: bool):
+    """A fleet behind one broker (``--gateways``, 1000): each gateway's own MQTT link
+    (``bench/fleet.py``: our MQTTClient, TLS, password, reconnect jitter at the shipped
+    MQTT_RECONNECT_MAX) in a few processes against one real mosquitto. The broker is killed
+    for 60 s and started again; when each gateway is back says whether they stampede."""
+    n = 200 if quick else FLEET["gateways"]
+    outage = 20.0 if quick else FLEET["outage"]
+    s = Scratch()
+    try:
+        broker = s.broker()
+        env = dict(os.environ, **broker.env(), PYTHONPATH=str(ROOT))
+        env.pop("MQTT_RECONNECT_MAX", None)             # the shipped default
+        events: list[tuple[str, str, float]] = []
+        procs = []
+        per = -(-n // FLEET["processes"])
+        for first in range(0, n, per):
+            p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fleet.py"), str(first),
+                                  str(min(per, n - first))], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            s.stoppers.append(lambda p=p: stop(p))
+            procs.append(p)
+
+            def read(p=p):
+                for line in p.stdout:
+                    word, device, at = line.split()
+                    events.append((word, device, float(at)))
+            threading.Thread(target=read, daemon=True).start()
+
+        def back_after(t0):
+            return {d: at for word, d, at in list(events) if word == "up" and at >= t0}
+        t0 = time.time()
+        wait_for(lambda: len(back_after(0)) >= n, timeout=300)
+        record(f"fleet of {n}: every link up after a cold start", time.time() - t0, "s")
+        time.sleep(5)
+        broker.kill()
+        time.sleep(outage)
+        broker.start()
+        restarted = time.time()
+        wait_for(lambda: len(back_after(restarted)) >= n, timeout=outage + 300, interval=0.5)
+        first_back: dict[str, float] = {}
+        for word, d, at in sorted(events, key=lambda e: e[2]):
+            if word == "up" and at >= restarted and d not in first_back:
+                first_back[d] = at - restarted
+        delays = sorted(first_back.values())
+        per_second: dict[int, int] = {}
+        for d in delays:
+            per_second[int(d)] = per_second.get(int(d), 0) + 1
+        busiest = max(per_second.values()) / n * 100
+        spread = pct(delays, 95) - pct(delays, 5)
+        label = f"after a {outage:.0f} s broker outage, {n} gateways"
+        record(f"{label}: reconnects, 5th to 95th percentile", spread, "s", ">= 30 s", spread >= 30)
+        shown = f"{pct(delays, 50):.1f} / {pct(delays, 95):.1f} / {delays[-1]:.1f} s"
+        RESULTS.append((f"{label}: back after (median / 95th / last)", shown, "", ""))
+        print(f"  {RESULTS[-1][0]}: {shown}", flush=True)
+        record(f"{label}: the busiest second's share of the fleet", busiest, "%", "<= 5 %",
+               busiest <= 5)
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    finally:
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -754,6 +824,7 @@ BENCHES = {
     "backup": bench_backup,
     "update": bench_update,
     "phone": bench_phone,
+    "fleet": bench_fleet,
 }
 
 
@@ -762,7 +833,10 @@ def main() -> int:
     p.add_argument("names", nargs="*", help=f"some of: {', '.join(BENCHES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     p.add_argument("--json", help="also write the table here")
+    p.add_argument("--gateways", type=int, default=FLEET["gateways"],
+                   help="fleet: how many gateways (default %(default)s)")
     args = p.parse_args()
+    FLEET["gateways"] = args.gateways
     import logging
     logging.basicConfig(level=logging.WARNING)
     for name in args.names or list(BENCHES):

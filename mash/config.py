@@ -153,6 +153,7 @@ class Settings:
     mqtt_ca_certs: str | None = None
     mqtt_tls: bool = True
     mqtt_qos: int = 1
+    mqtt_reconnect_max: int = 60      # MQTT_RECONNECT_MAX: s, the cap of the reconnect jitter
     firebase_database_url: str | None = None
     firebase_credentials: str = "config/firebase_config.json"
     firebase_layout: str = "both"
@@ -386,6 +387,7 @@ class Settings:
             mqtt_ca_certs=ca,
             mqtt_tls=mqtt_tls,
             mqtt_qos=qos,
+            mqtt_reconnect_max=integer("MQTT_RECONNECT_MAX", 60, 1, 3600),
             firebase_database_url=fb_url,
             firebase_credentials=str(in_home(text("FIREBASE_CREDENTIALS", cls.firebase_credentials))),
             firebase_layout=firebase_layout,

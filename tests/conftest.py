@@ -14,6 +14,9 @@ os.environ["MASH_ENV_FILE"] = os.devnull
 for key in list(os.environ):
     if key.startswith(("MQTT_", "BACKEND_", "DEVICE_", "FIREBASE_", "SERIAL_", "CONTROL_")):
         del os.environ[key]
+# A broker restart in a test is waited for in seconds, not the minute a fleet spreads over
+# (MQTT_RECONNECT_MAX; the spread itself is bench/run.py fleet).
+os.environ["MQTT_RECONNECT_MAX"] = "10"
 # The backend's request budget (BACKEND_MAX_RPM) spreads a drain over the minute; tests that
 # are not about pacing (tests/test_pacing.py) drain at once.
 os.environ["BACKEND_MAX_RPM"] = "6000"

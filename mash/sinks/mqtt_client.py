@@ -38,7 +38,7 @@ class Reconnects:
     connection that drops sooner does not reset it, so a flapping broker keeps us backing off.
     The clock and the random source are injectable for the tests."""
 
-    def __init__(self, first: float = 1.0, cap: float = 30.0, held: float = 60.0,
+    def __init__(self, first: float = 1.0, cap: float = 60.0, held: float = 60.0,
                  clock=time.monotonic):
         self._wait = tenacity.wait_random_exponential(multiplier=first, max=cap)
         self.held, self.clock = held, clock
@@ -191,8 +191,8 @@ class MQTTClient:
         c = paho_client(s, f"mash-{self.device_id}", clean_session=False)
         c.will_set(self.topic("status"), json.dumps({"deviceId": self.device_id,
                                                      "status": "offline"}), qos=1, retain=True)
-        self.reconnects = Reconnects()
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.reconnects = Reconnects(cap=s.mqtt_reconnect_max)
+        c.reconnect_delay_set(min_delay=1, max_delay=s.mqtt_reconnect_max)
         c.enable_logger(logging.getLogger("mash.mqtt.paho"))   # packet log at DEBUG only
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
