@@ -70,13 +70,15 @@ def test_a_503_mid_drain_leaves_only_the_failed_batch_and_a_retry_finishes_it(ga
     assert len(backend_ids(gateway.devserver)) == 200
 
 
-def test_huey_retries_a_failed_sync_with_backoff(gateway):
+def test_huey_retries_a_failed_sync_after_a_jittered_wait(gateway):
     add_backlog(gateway.store, 10)
     gateway.devserver.faults(fail_next=50)
     tasks.sync_readings()                       # immediate mode: the retry is scheduled, not run
     scheduled = tasks.huey.scheduled()
     assert [t.name for t in scheduled] == ["sync_readings"]
-    assert scheduled[0].retries == 3 and scheduled[0].retry_delay == 10   # 5 s, doubled
+    # the first retry's window is the task's 5 s (test_task_retries_wait_a_full_jitter_draw...)
+    wait = (scheduled[0].eta - dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)).total_seconds()
+    assert scheduled[0].retries == 3 and -1 <= wait <= 5, wait
     gateway.devserver.faults(fail_next=0)
     tasks.huey.storage.flush_schedule()
 
@@ -470,3 +472,21 @@ def test_the_scheduler_waits_each_phased_jobs_phase_before_its_first_run(gateway
     assert "sync" not in scheduler.step(start + wait - 0.5, set())
     assert "sync" in scheduler.step(start + wait + 0.01, set())
     tasks.huey.storage.flush_queue()
+
+
+def test_task_retries_wait_a_full_jitter_draw_that_doubles_per_attempt():
+    import random
+    from mash.tasks.queue import retry_wait
+    random.seed(7)                                  # tenacity draws from the module's source
+    task = tasks.sync_readings.s()                  # retries=4, retry_delay=5
+    assert (task.default_retries, task.default_retry_delay) == (4, 5)
+    bounds = {}
+    for left, bound in ((4, 5), (3, 10), (2, 20), (1, 40)):
+        task.retries = left
+        draws = [retry_wait(task) for _ in range(1000)]
+        assert 0 <= min(draws) < 0.1 * bound and 0.9 * bound < max(draws) <= bound, (left, draws[:5])
+        bounds[left] = sorted(draws)
+    # a fleet that failed together spreads over each window instead of retrying at one second
+    assert bounds[1][950] - bounds[1][50] > 30
+    task.retries = 0
+    assert retry_wait(task) is None                 # no retry left: Huey's own rule

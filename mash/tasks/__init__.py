@@ -73,14 +73,14 @@ def _job(fn, lock: bool = True, **retry):
     cloud failures turned into retries."""
     task_lock = huey.lock_task(fn.__name__) if lock else None
 
-    def run():
+    def run(task=None):
         ctx = current_context()
         if task_lock is None:
-            return run_job(fn, ctx)
+            return run_job(fn, ctx, task)
         with task_lock:
-            return run_job(fn, ctx)
+            return run_job(fn, ctx, task)
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return huey.task(name=fn.__name__, **retry)(run)
+    return huey.task(name=fn.__name__, context=True, **retry)(run)
 
 
 sync_readings = _job(sync.sync_readings, retries=4, retry_delay=5, retry_backoff=2)
@@ -98,8 +98,8 @@ def _deliver(ctx) -> int:
     return delivery.sweep(ctx, _deliver_lock)
 
 
-deliver = huey.task(name="deliver", retries=6, retry_delay=2, retry_backoff=2)(
-    lambda: run_job(_deliver, current_context()))
+deliver = huey.task(name="deliver", retries=6, retry_delay=2, retry_backoff=2, context=True)(
+    lambda task=None: run_job(_deliver, current_context(), task))
 
 
 @huey.task(name="force_sync")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import tenacity
 from huey import SqliteHuey
 from huey.exceptions import CancelExecution, RetryTask
 
@@ -34,14 +35,28 @@ def make_huey(path) -> SqliteHuey:
     return SqliteHuey("mash", filename=str(path), results=False, utc=True)
 
 
-def run_job(job, ctx):
+def retry_wait(task) -> float | None:
+    """The wait before ``task``'s next retry: full jitter (tenacity) over its own
+    ``retry_delay`` doubling per attempt, so a fleet that failed together does not retry
+    together. None when it has no retry left or no delay (Huey's own rule then)."""
+    base = getattr(task, "default_retry_delay", 0) or 0
+    if not task.retries or not base:
+        return None
+    attempt = max(1, (task.default_retries or 0) - task.retries + 1)
+    wait = tenacity.wait_random_exponential(multiplier=base, max=base * 2 ** task.default_retries)
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    return wait(state)
+
+
+def run_job(job, ctx, task=None):
     """Run ``job(ctx)``, turning an expected cloud failure into a Huey retry.
 
     An error that says when to try again (``retry_after``: a 429's Retry-After, the backend
     client's login backoff after our credentials were refused) retries exactly then, for as
     long as it takes: the work stays owed, and the backoff, not a retry count, keeps it from
-    hammering. Any other RetryableError uses the task's own ``retries``/``retry_delay``/
-    ``retry_backoff``. Neither prints a traceback: the clients and jobs log one line per
+    hammering. Any other RetryableError uses the task's own ``retries``, each retry after a
+    full-jitter draw over its ``retry_delay`` doubled per attempt (``retry_wait``). Neither prints a traceback: the clients and jobs log one line per
     state change (offline, online, credentials refused), and the traceback is there at
     DEBUG."""
     try:
@@ -56,4 +71,7 @@ def run_job(job, ctx):
         log.debug("%s will be retried: %s", job.__name__, exc, exc_info=True)
         if exc.retry_after:
             raise RetryTask(delay=exc.retry_after) from exc
+        wait = retry_wait(task) if task is not None else None
+        if wait is not None:
+            task.retry_delay = wait          # Huey schedules the retry after this
         raise CancelExecution(retry=None) from exc
