@@ -30,7 +30,8 @@ RESULTS: list[tuple[str, str, str, str]] = []   # (figure, measured, target, ver
 
 
 def record(name: str, value: float, unit: str, target: str | None = None, ok: bool | None = None):
-    shown = f"{value:,.1f} {unit}" if isinstance(value, float) else f"{value:,} {unit}"
+    shown = (f"{value:,.2f} {unit}" if abs(value) < 1 else f"{value:,.1f} {unit}") \
+        if isinstance(value, float) else f"{value:,} {unit}"
     verdict = "" if ok is None else ("met" if ok else "MISSED")
     RESULTS.append((name, shown, target or "", verdict))
     print(f"  {name}: {shown}" + (f"  (target {target}: {verdict})" if target else ""), flush=True)
@@ -334,8 +335,8 @@ def bench_resources(quick: bool, control: bool = False):
         record(f"CPU at a line per 5 s, reader ({window} s){label}", cpu["reader"], "% of a core")
         record(f"CPU at a line per 5 s, worker ({window} s){label}", cpu["worker"], "% of a core")
         total = cpu["reader"] + cpu["worker"]
-        record(f"CPU at a line per 5 s, reader + worker{label}", total, "% of a core", "<= 1 %",
-               total <= 1.0)
+        record(f"CPU at a line per 5 s, reader + worker{label}", total, "% of a core", "<= 0.5 %",
+               total <= 0.5)
         per_line = sum(io.values()) / max(lines, 1)
         record(f"disk bytes written per line{label} (reader {io['reader'] / max(lines, 1) / 1024:.1f} KB, "
                f"worker {io['worker'] / max(lines, 1) / 1024:.1f} KB)", per_line / 1024, "KB/line",
