@@ -7,6 +7,7 @@ Results and the command that produced them go in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as dt
 import json
 import os
@@ -783,10 +784,7 @@ def bench_fleet(quick: bool):
             if word == "up" and at >= restarted and d not in first_back:
                 first_back[d] = at - restarted
         delays = sorted(first_back.values())
-        per_second: dict[int, int] = {}
-        for d in delays:
-            per_second[int(d)] = per_second.get(int(d), 0) + 1
-        busiest = max(per_second.values()) / n * 100
+        busiest = max(collections.Counter(int(d) for d in delays).values()) / n * 100
         spread = pct(delays, 95) - pct(delays, 5)
         label = f"after a {outage:.0f} s broker outage, {n} gateways"
         record(f"{label}: reconnects, 5th to 95th percentile", spread, "s", ">= 30 s", spread >= 30)

@@ -123,15 +123,18 @@ def environment(env_file: str | os.PathLike | None = None) -> dict:
     return {**(dotenv_values(path) if path.is_file() else {}), **os.environ}
 
 
+def runtime_dir_from(env) -> Path | None:
+    """systemd's ``RUNTIME_DIRECTORY`` (the units' ``/run/mash``), when there is one."""
+    value = (env.get("RUNTIME_DIRECTORY") or "").strip()
+    return Path(value) if value else None
+
+
 def queue_path_from(env: dict) -> Path:
     """The queue file from the environment alone, without validating anything else: the
     Huey instance must exist at import, before a bad setting can be reported."""
-    def text(key):
-        value = (env.get(key) or "").strip()
-        return value or None
-    configured, runtime = text("MASH_QUEUE_DIR"), text("RUNTIME_DIRECTORY")
+    configured = (env.get("MASH_QUEUE_DIR") or "").strip()
     return resolve_queue_dir(data_dir_from(env), Path(configured) if configured else None,
-                             Path(runtime) if runtime else None) / "queue.db"
+                             runtime_dir_from(env)) / "queue.db"
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ class Settings:
             serial_baud=baud,
             data_dir=data_dir_from(env),
             queue_dir=Path(text("MASH_QUEUE_DIR")) if text("MASH_QUEUE_DIR") else None,
-            runtime_dir=Path(text("RUNTIME_DIRECTORY")) if text("RUNTIME_DIRECTORY") else None,
+            runtime_dir=runtime_dir_from(env),
             thresholds=thresholds,
             stale_after=integer("STALE_AFTER", 120, 10, 86400),
             max_db_mb=integer("MAX_DB_MB", 1024, 1, 1_000_000),

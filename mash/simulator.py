@@ -136,6 +136,14 @@ class SimulatedBoard:
                 return False
         return True
 
+    def _boot_if_opened(self, boot_at: float | None) -> float | None:
+        """DTR reset: opened by the host, the board reboots (relays OFF, banner after
+        BOOT_TIME); returns when the boot ends, or ``boot_at`` unchanged."""
+        if not self._opened_by_host():
+            return boot_at
+        self._all_off()
+        return time.monotonic() + BOOT_TIME
+
     def _close_pty(self) -> None:
         self._plugged.clear()
         with self._lock:
@@ -311,9 +319,7 @@ class SimulatedBoard:
         next_reading = time.monotonic() + (self.interval if self.interval > 0 else 3600)
         boot_at = None
         while not self._stop.is_set():
-            if self._opened_by_host():
-                boot_at = time.monotonic() + BOOT_TIME      # DTR reset: the board reboots
-                self._all_off()
+            boot_at = self._boot_if_opened(boot_at)
             if boot_at and time.monotonic() >= boot_at:
                 boot_at = None
                 self._banner()
@@ -335,9 +341,7 @@ class SimulatedBoard:
                     chunk = os.read(fd, 4096)
                 except (BlockingIOError, OSError):
                     chunk = b""
-                if self._opened_by_host():      # opened since the loop's top: DTR first
-                    boot_at = time.monotonic() + BOOT_TIME
-                    self._all_off()
+                boot_at = self._boot_if_opened(boot_at)   # opened since the loop's top
                 if boot_at is not None:
                     chunk = buf = b""   # the bootloader runs: no sketch reads the line yet
                 buf += chunk

@@ -21,7 +21,7 @@ import select
 import socket
 from pathlib import Path
 
-from mash.config import resolve_queue_dir
+from mash.config import resolve_queue_dir, runtime_dir_from
 
 log = logging.getLogger("mash.wakeup")
 
@@ -31,9 +31,8 @@ _numbers = itertools.count()
 def directory_for(db_path) -> Path:
     """Where the hints of the store at ``db_path`` meet: every process derives the same RAM
     directory from the store's path alone (as the queue's), so no one configures it."""
-    runtime = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0].strip()
     return resolve_queue_dir(Path(db_path).resolve().parent, None,
-                             Path(runtime) if runtime else None) / "wake"
+                             runtime_dir_from(os.environ)) / "wake"
 
 
 class Hints:

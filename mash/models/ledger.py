@@ -20,24 +20,21 @@ BACKEND_LISTED = "commands.backend_listed"
 
 def writes(method):
     """Mark a Store method that writes: it runs under the store's write lock, and its commit
-    wakes the store's listeners (``Store.changed``).
+    wakes the store's listeners once (``Store._write_scope``).
 
     SQLite serialises writers anyway, but a thread that finds the database locked sleeps in
     SQLite's busy handler (1, 2, 5 ... 100 ms steps); a Python lock wakes the next writer as
     soon as the last one commits."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        try:
-            with self._lock:
-                return method(self, *args, **kwargs)
-        finally:
-            self.changed()
+        with self._write_scope():
+            return method(self, *args, **kwargs)
     return locked
 
 
 class LedgerMixin:
     """Needs ``self.m`` (the bound models), ``self.outbox``, ``self.transaction()`` and
-    ``self._lock`` from the Store."""
+    ``self._write_scope()`` from the Store."""
 
     # -- command ledger -----------------------------------------------------------------
     @writes

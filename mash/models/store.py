@@ -165,6 +165,7 @@ class Store(LedgerMixin):
                           database=f"file:{self.path}?mode=ro" if readonly else str(self.path),
                           uri=readonly, timeout=30, lock_type="IMMEDIATE", pragmas=pragmas)
         self._lock = threading.RLock()
+        self._writing = threading.local()     # this thread's depth of nested writes
         # every commit of a writing store wakes the other processes' waiting loops (a hint
         # with no data in it: mash.wakeup)
         self.hints = None if readonly else wakeup.Hints(wakeup.directory_for(self.path))
@@ -266,15 +267,23 @@ class Store(LedgerMixin):
         takes the lock first: holding SQLite's write lock while waiting for the Python one
         (say, a @writes method called inside a bare ``db.atomic()``) would deadlock two
         threads."""
-        with self._lock, self.db.atomic():
+        with self._write_scope(), self.db.atomic():
             yield
-        self.changed()
 
-    def changed(self) -> None:
-        """After a commit: tell the listeners of this file to look again (``listen``).
-        Inside an outer transaction nothing is committed yet: its end tells them."""
-        if self.hints is not None and not self.db.in_transaction():
-            self.hints.notify()
+    @contextlib.contextmanager
+    def _write_scope(self):
+        """The write lock; leaving the outermost write tells the listeners of this file to
+        look again (``listen``): one hint a write, however many writes it nests."""
+        depth = getattr(self._writing, "depth", 0)
+        self._writing.depth = depth + 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._writing.depth = depth
+            # inside a caller's bare transaction nothing is committed yet: no hint
+            if depth == 0 and self.hints is not None and not self.db.in_transaction():
+                self.hints.notify()
 
     def listen(self) -> wakeup.Listener | None:
         """A listener woken after each commit of any writing store on this file, in any

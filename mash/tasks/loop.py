@@ -69,14 +69,11 @@ class HintRelay(BackgroundLoop):
     def __init__(self, store):
         super().__init__()
         self.listener = store.listen()
-        self.events: list[threading.Event] = []
+        self.loops: list[BackgroundLoop] = []
 
-    def subscribe(self, loop_or_event) -> None:
-        if isinstance(loop_or_event, BackgroundLoop):
-            if self.listener is not None:
-                loop_or_event.hinted = True
-            loop_or_event = loop_or_event.changed
-        self.events.append(loop_or_event)
+    def subscribe(self, loop: BackgroundLoop) -> None:
+        loop.hinted = self.listener is not None
+        self.loops.append(loop)
 
     def start(self):
         return super().start() if self.listener is not None else self
@@ -89,8 +86,8 @@ class HintRelay(BackgroundLoop):
         try:
             while not self._stop.is_set():
                 if self.listener.wait(None) and not self._stop.is_set():
-                    for event in self.events:
-                        event.set()
+                    for loop in self.loops:
+                        loop.changed.set()
         except Exception:
             log.exception("store hints stopped: the loops fall back to their timeouts")
         finally:

@@ -39,10 +39,10 @@ def retry_wait(task) -> float | None:
     """The wait before ``task``'s next retry: full jitter (tenacity) over its own
     ``retry_delay`` doubling per attempt, so a fleet that failed together does not retry
     together. None when it has no retry left or no delay (Huey's own rule then)."""
-    base = getattr(task, "default_retry_delay", 0) or 0
+    base = task.default_retry_delay
     if not task.retries or not base:
         return None
-    attempt = max(1, (task.default_retries or 0) - task.retries + 1)
+    attempt = max(1, task.default_retries - task.retries + 1)
     wait = tenacity.wait_random_exponential(multiplier=base, max=base * 2 ** task.default_retries)
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
     state.attempt_number = attempt
@@ -56,8 +56,8 @@ def run_job(job, ctx, task=None):
     client's login backoff after our credentials were refused) retries exactly then, for as
     long as it takes: the work stays owed, and the backoff, not a retry count, keeps it from
     hammering. Any other RetryableError uses the task's own ``retries``, each retry after a
-    full-jitter draw over its ``retry_delay`` doubled per attempt (``retry_wait``). Neither prints a traceback: the clients and jobs log one line per
-    state change (offline, online, credentials refused), and the traceback is there at
+    full-jitter draw over its ``retry_delay`` doubled per attempt (``retry_wait``). Neither
+    prints a traceback: the clients and jobs log one line per state change (offline, online, credentials refused), and the traceback is there at
     DEBUG."""
     try:
         return job(ctx)
