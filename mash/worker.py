@@ -13,8 +13,6 @@ from mash.config import ConfigError, check_notify_urls
 from mash.logs import start_process
 from mash.tasks.queue import CONSUMER_OPTIONS
 
-STOP_LOOK = 1.0      # s between the consumer's looks for SIGTERM (Huey's own: 0.1)
-
 
 def main(argv=None) -> int:
     settings = start_process()
@@ -25,13 +23,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    consumer = tasks.huey.create_consumer(**CONSUMER_OPTIONS)
-    # Its main thread wakes ten times a second only to look for a stop signal: at idle that
-    # was the worker's largest cost (py-spy: ~0.35 % of a core of 0.8). Once a second stops
-    # it soon enough for systemd; the worker threads' polls and health checks are their own.
-    if hasattr(consumer, "_stop_flag_timeout"):
-        consumer._stop_flag_timeout = STOP_LOOK
-    consumer.run()
+    tasks.huey.create_consumer(**CONSUMER_OPTIONS).run()
     return 0
 
 

@@ -53,10 +53,13 @@ class Periodic:
 class IntervalScheduler(BackgroundLoop):
     thread_name = "scheduler"
 
-    def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool], on_tick=None):
+    def __init__(self, ctx, jobs: list[Periodic], busy: Callable[[str], bool], on_tick=None,
+                 ping_every: float | None = None):
         super().__init__()
         self.ctx, self.jobs, self.busy = ctx, jobs, busy
         self.on_tick = on_tick or (lambda: None)     # each tick: the systemd watchdog's ping
+        # the longest sleep: the watchdog's ping must not wait for the next due job
+        self.longest = min(LONGEST_SLEEP, ping_every or LONGEST_SLEEP)
         self.changed = ctx.wakeup         # ctx.wake() and the store's hints (HintRelay) set it
         now = time.monotonic()
         serial = ctx.settings.device_id
@@ -82,7 +85,7 @@ class IntervalScheduler(BackgroundLoop):
     def sleep_for(self, now: float) -> float:
         """Until the next job is due (with hints on, nothing else needs a look before)."""
         soonest = min((self._next.get(job.name, 0.0) for job in self.jobs), default=now)
-        return min(LONGEST_SLEEP, max(0.01, soonest - now))
+        return min(self.longest, max(0.01, soonest - now))
 
     def step(self, now: float, woken: set[str]) -> list[str]:
         """Enqueue every job that is due; returns their names."""

@@ -24,7 +24,8 @@ class WorkerService:
         self.ctx = ctx
         self.watchdog = sdnotify.Watchdog()
         self.consumer_alive = consumer_alive or (lambda: True)
-        self.scheduler = IntervalScheduler(ctx, jobs, busy, on_tick=self._tick)
+        self.scheduler = IntervalScheduler(ctx, jobs, busy, on_tick=self._tick,
+                                           ping_every=self.watchdog.every)
         self.intake = MQTTIntake(ctx) if ctx.mqtt is not None else None
         self.live = LiveFeed(ctx) if live_feed and ctx.mqtt is not None else None
         apps = firebase_apps.apps_on(ctx)          # the MASH apps' live values and commands
