@@ -6,11 +6,15 @@ import subprocess
 import sys
 import time
 
+import signal
+import threading
+
 from huey import SqliteHuey
 
 from mash import wakeup
 from mash.config import Settings
 from mash.models import Store
+from mash.tasks import queue as huey_queue
 from mash.tasks.live import LiveFeed
 from mash.tasks.loop import BackgroundLoop
 from mash.tasks.schedule import phase
@@ -116,6 +120,68 @@ def test_mash_sync_is_picked_up_within_a_second_by_an_idle_worker(tmp_path, devs
             pickups.append(time.monotonic() - t0)
             wait_for(lambda: store.pending_count() == 0, timeout=20, what="the sync done")
         print("mash sync picked up after " + ", ".join(f"{p * 1000:.0f}" for p in pickups) + " ms")
-        assert max(pickups) < 1.5          # the consumer's longest poll is 0.9 s
+        assert max(pickups) < 1.5          # unhinted, an idle worker thread looks every 30 s
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)                    # systemd's stop, while idle
+        assert worker.wait(20) == 0
+        stopped = time.monotonic() - t0
+        print(f"idle worker stopped {stopped:.2f} s after SIGTERM")
+        assert stopped < 10                # not held by a 30 s wait on the queue
     finally:
         stop_process(worker, timeout=20)
+
+
+def _waiting_dequeue(storage):
+    """``storage.dequeue()`` in a thread: (thread, result list with (value, seconds))."""
+    got = []
+
+    def take():
+        t0 = time.monotonic()
+        got.append((storage.dequeue(), time.monotonic() - t0))
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_an_empty_queue_waits_for_another_processs_enqueue_instead_of_polling(tmp_path):
+    queue_file = tmp_path / "queue" / "huey.db"
+    queue_file.parent.mkdir()
+    worker_side = huey_queue.HintedStorage("mash", filename=str(queue_file))
+    thread, got = _waiting_dequeue(worker_side)
+    thread.join(1.0)
+    assert thread.is_alive() and not got                  # waiting, not back every 0.9 s
+    code = (f"from mash.tasks.queue import HintedStorage; "
+            f"HintedStorage('mash', filename={str(queue_file)!r}).enqueue(b'job')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    thread.join(5.0)
+    assert got and got[0][0] is None and got[0][1] < 10   # the hint ended the wait
+    assert worker_side.dequeue() == b"job"                # and the next look takes the job
+    worker_side.rest()
+
+
+def test_a_stopping_consumer_ends_its_threads_waits_and_a_new_one_waits_again(tmp_path):
+    storage = huey_queue.HintedStorage("mash", filename=str(tmp_path / "huey.db"))
+    thread, got = _waiting_dequeue(storage)
+    time.sleep(0.3)
+    storage.wake_all()
+    thread.join(5.0)
+    assert got and got[0] == (None, got[0][1]) and got[0][1] < 5
+    t0 = time.monotonic()
+    assert storage.dequeue() is None and time.monotonic() - t0 < 0.5   # stopping: no wait
+    storage.rest()                                        # the next consumer's threads
+    thread, got = _waiting_dequeue(storage)
+    thread.join(0.5)
+    assert thread.is_alive()
+    storage.wake_all()
+    thread.join(5.0)
+    assert got
+
+
+def test_without_a_place_for_the_queues_socket_the_threads_poll_as_huey_would(tmp_path):
+    deep = tmp_path / ("q" * 120)                         # too long a path for a socket
+    deep.mkdir()
+    storage = huey_queue.HintedStorage("mash", filename=str(deep / "huey.db"), poll=0.2)
+    t0 = time.monotonic()
+    assert storage.dequeue() is None
+    assert 0.1 < time.monotonic() - t0 < 5                # the poll, not the 30 s look

@@ -1,7 +1,7 @@
 """The Huey queue and the worker's tasks: ``huey_consumer mash.tasks.huey`` runs them.
 
 By concern:
-- ``queue``: builds the SqliteHuey, the consumer settings, failures -> retries;
+- ``queue``: builds the Huey queue (woken by hints), the consumer settings, failures -> retries;
 - ``context``: the store and the cloud clients the tasks share in one process;
 - ``sync``: readings to the backend (drain) and to Firebase (backup);
 - ``delivery``: alerts and command outcomes from the outbox to both sinks;

@@ -1,4 +1,4 @@
-"""The Huey queue: how it is built, how the consumer runs, how failures become retries.
+"""The Huey queue: how it is built, how the consumer waits and runs, how failures become retries.
 
 The queue holds no durable state: every job is a sweep over ``mash.db`` (readings to sync,
 outbox items to deliver), so losing the queue loses nothing. That is why it can live on
@@ -7,19 +7,24 @@ RAM-backed storage (``Settings.queue_path``) and cost the SD card nothing.
 from __future__ import annotations
 
 import logging
+import threading
+from pathlib import Path
 
-import tenacity
 from huey import SqliteHuey
+from huey.consumer import Consumer, ConsumerStopped
 from huey.exceptions import CancelExecution, RetryTask
+from huey.storage import SqliteStorage
 
+from mash.pacing import full_jitter
 from mash.sinks.errors import DeviceUnknown, RetryableError
+from mash.wakeup import Hints, Listener
 
 log = logging.getLogger("mash.worker")
 
 # Consumer settings (``python worker.py``, the sync manager's in-process consumer).
-# Huey's default polling backs off to 10 s between polls; ``-d 0.01 -b 1.5 -m 0.9`` picks a
-# task up at once after activity and within 0.9 s when idle (``mash sync`` within a second; at
-# ``-m 0.1`` the consumer alone took ~0.5 % of a core), and backs off to that in eleven polls.
+# The worker threads wait on the queue's wake-up hints (``HintedStorage``), so the poll flags
+# matter only where no hint can arrive (a queue directory that holds no socket): then
+# ``-d 0.01 -b 1.5 -m 0.9`` picks a task up at once after activity and within 0.9 s when idle.
 # Two worker threads, so a long backlog drain never holds up an ack or an alert.
 # SIGTERM (systemd's stop) and Ctrl-C let running tasks finish (at most 15 s).
 CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.5,
@@ -28,11 +33,120 @@ CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, bac
 CONSUMER_FLAGS = "-w 2 -k thread -d 0.01 -b 1.5 -m 0.9 -f"
 
 
-def make_huey(path) -> SqliteHuey:
-    """A SqliteHuey on ``path``. results=False: nothing reads task results, and each stored
+QUEUE_LOOK = 30.0    # s: an idle worker thread looks at the queue unhinted this often
+STOP_LOOK = 1.0      # s: the consumer's main thread, between health checks, unless signalled
+
+
+class HintedStorage(SqliteStorage):
+    """Huey's SQLite queue that waits for work instead of polling for it, as its Redis
+    storage blocks on BRPOP. ``enqueue``, from any process (the worker's scheduler, Huey's
+    scheduler moving a retry in, ``mash sync``), sends a wake-up hint to the queue's
+    listeners in ``queue-wake/`` beside the queue file; an empty ``dequeue`` waits for one on
+    its thread's own listener, ``QUEUE_LOOK`` at most, and returns None. ``wake_all()`` ends
+    every wait (the consumer is stopping). Where no listener can be bound it waits ``poll``
+    instead, which is what Huey's non-blocking polling would do."""
+
+    blocking = True
+
+    def __init__(self, name="huey", filename="huey.db", poll: float = 0.9, **kwargs):
+        super().__init__(name, filename, **kwargs)
+        self.wake_dir = Path(filename).parent / "queue-wake"
+        self.poll = poll
+        self._hints = Hints(self.wake_dir)
+        self._local = threading.local()
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def enqueue(self, data, priority=None):
+        super().enqueue(data, priority)
+        self._hints.notify()
+
+    def dequeue(self):
+        data = super().dequeue()
+        if data is None and not self.stopping.is_set():
+            listener = self._listener()
+            if listener is None:
+                self.stopping.wait(self.poll)
+            else:
+                listener.wait(QUEUE_LOOK)
+        return data
+
+    def _listener(self) -> Listener | None:
+        if not hasattr(self._local, "listener"):
+            try:
+                self._local.listener = Listener(self.wake_dir)
+            except OSError as exc:
+                log.info("queue wake-up hints off (%s): polling the queue instead", exc)
+                self._local.listener = None
+            else:
+                with self._lock:
+                    self._listeners.append(self._local.listener)
+        return self._local.listener
+
+    def wake_all(self) -> None:
+        """End every worker thread's wait now, and any later one until ``rest()``."""
+        self.stopping.set()
+        with self._lock:
+            for listener in self._listeners:
+                listener.interrupt()
+
+    def rest(self) -> None:
+        """A new consumer: empty dequeues wait again; the sockets of threads gone are closed."""
+        with self._lock:
+            for listener in self._listeners:
+                listener.close()
+            self._listeners.clear()
+        self._local = threading.local()
+        self.stopping.clear()
+
+
+class IdleConsumer(Consumer):
+    """Huey's consumer with a main thread that sleeps: Huey's own looks for a stop signal ten
+    times a second (the idle worker's largest cost). This one waits on an event its signal
+    handler sets, so a stop is as prompt, and runs Huey's loop (health check, stop) after it
+    or every ``STOP_LOOK``. ``stop()`` ends the worker threads' waits on the queue first."""
+
+    def __init__(self, huey, **options):
+        super().__init__(huey, **options)
+        self._signalled = threading.Event()
+        self._stop_flag_timeout = 0          # Huey's loop looks at the flag without waiting
+        getattr(huey.storage, "rest", lambda: None)()    # a new consumer's threads wait again
+
+    def _handle_signal(self, signum, frame):
+        super()._handle_signal(signum, frame)
+        self._signalled.set()
+
+    def loop(self, health_check_ts=None):
+        try:
+            self._signalled.wait(STOP_LOOK)
+        except KeyboardInterrupt:            # a second Ctrl-C during the wait: as Huey does
+            self._logger.info("Received SIGINT")
+            self.stop(graceful=True)
+            raise ConsumerStopped from None
+        return super().loop(health_check_ts)
+
+    def stop(self, graceful=False):
+        self.stop_flag.set()
+        getattr(self.huey.storage, "wake_all", lambda: None)()
+        super().stop(graceful=graceful)
+
+
+class GatewayHuey(SqliteHuey):
+    """The gateway's queue: Huey's SQLite one, woken by hints (``HintedStorage``) and run by
+    ``IdleConsumer``, whether started by ``worker.py``, ``huey_consumer`` or the sync manager."""
+
+    storage_class = HintedStorage
+
+    def create_consumer(self, **options):
+        return IdleConsumer(self, **options)
+
+
+def make_huey(path) -> GatewayHuey:
+    """The queue on ``path``. results=False: nothing reads task results, and each stored
     result would be another write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteHuey("mash", filename=str(path), results=False, utc=True)
+    return GatewayHuey("mash", filename=str(path), results=False, utc=True)
 
 
 def retry_wait(task) -> float | None:
@@ -42,11 +156,7 @@ def retry_wait(task) -> float | None:
     base = task.default_retry_delay
     if not task.retries or not base:
         return None
-    attempt = max(1, task.default_retries - task.retries + 1)
-    wait = tenacity.wait_random_exponential(multiplier=base, max=base * 2 ** task.default_retries)
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = attempt
-    return wait(state)
+    return full_jitter(task.default_retries - task.retries + 1, base, base * 2 ** task.default_retries)
 
 
 def run_job(job, ctx, task=None):
