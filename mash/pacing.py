@@ -22,10 +22,34 @@ import collections
 import threading
 import time
 
+import tenacity
+
 WINDOW = 60.0
 
 LIVE, COMMANDS, BACKLOG = 0, 1, 2
 PRIORITIES = {"live": LIVE, "commands": COMMANDS, "backlog": BACKLOG}
+
+
+def _draw(wait, attempt: int) -> float:
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, attempt)
+    return wait(state)
+
+
+def full_jitter(attempt: int, first: float, cap: float) -> float:
+    """The wait before the ``attempt``-th retry (1, 2, ...): uniform in [0, min(cap, first *
+    2 ** (attempt - 1))], tenacity's full jitter. A fleet failed by one outage spreads its
+    retries over the whole window instead of retrying at the same seconds."""
+    return _draw(tenacity.wait_random_exponential(multiplier=first, max=cap), attempt)
+
+
+def equal_jitter(attempt: int, first: float, cap: float) -> float:
+    """As ``full_jitter`` over half the window, after the other half: never sooner than half
+    the doubled delay. For an attempt the other side counts against us (a refused login
+    towards a lockout), where a draw near zero would be one attempt too many."""
+    wait = (tenacity.wait_exponential(multiplier=first / 2, max=cap / 2)
+            + tenacity.wait_random_exponential(multiplier=first / 2, max=cap / 2))
+    return _draw(wait, attempt)
 
 
 class Pacer:

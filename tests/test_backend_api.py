@@ -178,7 +178,7 @@ def test_a_refused_login_backs_off_and_sends_nothing_until_the_next_attempt(devs
     with pytest.raises(AuthError) as err:
         backend.update_status("ONLINE", {})
     assert isinstance(err.value, RetryableError) and not isinstance(err.value, PermanentError)
-    assert err.value.retry_after == 1.0 and backend.auth_refused
+    assert 0.5 <= err.value.retry_after <= 1.0 and backend.auth_refused   # 1 s, half drawn
     refused = devserver.state()["faults"]["unauthorized"]
     assert refused == [f"PUT /devices/{DEVICE}", "POST /auth/refresh", "POST /auth/login"]
     sent = devserver.state()["requests"]
@@ -193,8 +193,10 @@ def test_a_refused_login_backs_off_and_sends_nothing_until_the_next_attempt(devs
         except AuthError:
             return False
     wait_for(attempt, timeout=15, interval=0.05, what="a login once the lockout ended")
-    # one more refused login at +1 s (then 2 s of backoff), the next at +3 s works
-    assert devserver.state()["faults"]["unauthorized"][3:] == ["POST /auth/login"]
+    # refused again inside the 2.5 s lockout (after 0.5-1 s, then 1-2 s of backoff), and
+    # the first login after it works: one or two more refusals, logins only
+    later = devserver.state()["faults"]["unauthorized"][3:]
+    assert later in (["POST /auth/login"], ["POST /auth/login"] * 2)
     assert not backend.auth_refused and backend.auth_blocked_for == 0
 
 

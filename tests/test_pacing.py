@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from mash.pacing import BACKLOG, COMMANDS, LIVE, Pacer
+from mash.pacing import BACKLOG, COMMANDS, LIVE, Pacer, equal_jitter, full_jitter
 from mash.sinks.errors import RateLimited
 from tests.test_backend_api import reading
 
@@ -83,6 +83,19 @@ def test_pacing_retry_after_blocks_the_url_or_everything():
     assert overall.acquire("/b", LIVE) == pytest.approx(30)
     clock.t += 30
     assert overall.acquire("/b", LIVE) == 0
+
+
+def test_jitter_draws_spread_over_a_window_that_doubles_per_attempt_up_to_the_cap():
+    import random
+    random.seed(20)
+    for attempt, window in ((1, 30.0), (2, 60.0), (3, 120.0), (6, 900.0), (12, 900.0)):
+        full = [full_jitter(attempt, 30.0, 900.0) for _ in range(2000)]
+        half = [equal_jitter(attempt, 30.0, 900.0) for _ in range(2000)]
+        assert 0 <= min(full) < 0.05 * window and 0.95 * window < max(full) <= window
+        assert window / 2 <= min(half) < 0.55 * window and 0.95 * window < max(half) <= window
+        # uniform: a quarter of the draws in each quarter of the window, give or take
+        assert 0.2 < sum(d < window / 4 for d in full) / 2000 < 0.3
+        assert 0.4 < sum(d < window * 3 / 4 for d in half) / 2000 < 0.6
 
 
 def test_pacing_refuses_a_limit_below_one():

@@ -10,7 +10,7 @@ answers one envelope deeper, and has no route for command outcomes or alerts.
 Errors are classified in ``mash.sinks.errors``: ``RetryableError`` (network, timeout, 5xx,
 429 with its Retry-After, and ``AuthError``: 401/403, the credentials or session refused) and
 ``PermanentError`` (any other 4xx, with the server's message: ``TooLarge``, ``BadRequest``,
-``NotFound``, ``Conflict``). After a refused login the client backs off (``LOGIN_BACKOFF``):
+``NotFound``, ``Conflict``). After a refused login the client backs off (``LOGIN_BACKOFF``, jittered):
 no request goes to the backend until the next login attempt is due. The guide's methods
 (``send_sensor_data``, ``send_alert``, ``get_actuator_commands``, ...) return plain values and
 log failures; the lower-level ones raise.
@@ -37,7 +37,7 @@ from mash import __version__, health, ids
 from mash.clock import BOOTTIME, from_epoch, iso, utcnow
 from mash.config import Settings
 from mash.contract import MASH_METRICS, ROOMS
-from mash.pacing import BACKLOG, COMMANDS, LIVE, Pacer
+from mash.pacing import BACKLOG, COMMANDS, LIVE, Pacer, equal_jitter
 
 log = logging.getLogger("mash.backend")
 
@@ -181,7 +181,9 @@ class BackendAPIClient:
         self.pacer = Pacer(rpm=self.settings.backend_max_rpm, per_url=self.profile.per_url_rpm)
         # A refused login (a rotated password, a locked account) blocks every request until
         # the next attempt is due: LOGIN_BACKOFF's first delay, doubled per refusal up to its
-        # second. Reset by a login or refresh that succeeds.
+        # second, of which the later half is a random draw (``pacing.equal_jitter``), so a
+        # fleet refused together by one backend fault does not log in again together. Reset
+        # by a login or refresh that succeeds.
         self.login_backoff = self.LOGIN_BACKOFF
         self._auth_blocked_until = 0.0
         self._auth_refusals = 0
@@ -248,7 +250,7 @@ class BackendAPIClient:
         block every request until the next login attempt is due, and say when that is."""
         lo, hi = self.login_backoff
         self._auth_refusals += 1
-        delay = min(hi, lo * 2 ** (self._auth_refusals - 1))
+        delay = equal_jitter(self._auth_refusals, lo, hi)
         self._auth_blocked_until = time.monotonic() + delay
         self._access = self._refresh = None        # the next attempt starts with a login
         if self._auth_refusals == 1:

@@ -18,13 +18,13 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-import tenacity
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mash.clock import iso, utcnow
 from mash.sinks.errors import AUTH, kind_for_connack
 from mash.config import Settings
 from mash.contract import MAX_PARSE_BYTES, ROOMS
+from mash.pacing import full_jitter
 
 log = logging.getLogger("mash.mqtt")
 
@@ -40,7 +40,7 @@ class Reconnects:
 
     def __init__(self, first: float = 1.0, cap: float = 60.0, held: float = 60.0,
                  clock=time.monotonic):
-        self._wait = tenacity.wait_random_exponential(multiplier=first, max=cap)
+        self.first, self.cap = first, cap
         self.held, self.clock = held, clock
         self.attempt = 0
         self._up_since: float | None = None
@@ -54,9 +54,7 @@ class Reconnects:
             self.attempt = 0
         self._up_since = None
         self.attempt += 1
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-        state.attempt_number = self.attempt
-        return self._wait(state)
+        return full_jitter(self.attempt, self.first, self.cap)
 
 
 class _PahoNoise(logging.Filter):
