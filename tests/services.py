@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
@@ -373,12 +374,18 @@ class DevServer:
 
 # -- RTDB REST stand-in ------------------------------------------------------------------------
 class RTDBStandIn:
-    """The Realtime Database REST surface firebase-admin uses: ``/<path>.json?ns=...``."""
+    """The Realtime Database REST surface firebase-admin uses: ``/<path>.json?ns=...``, and
+    its streaming (``Accept: text/event-stream``): a ``put`` of the path's value at connect
+    and after every change under it, ``keep-alive`` every ``keepalive`` s, until the client
+    goes, ``drop_streams()`` or ``stop()``."""
 
-    def __init__(self):
+    def __init__(self, keepalive: float = 30.0):
         self.tree: dict = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
+        self.keepalive = keepalive
+        self.streams: list[tuple[list, "queue.Queue"]] = []   # (path, its events)
+        self._stopping = threading.Event()
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -407,6 +414,8 @@ class RTDBStandIn:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
                 silent = query.get("print") == ["silent"]
+                if method == "GET" and self.headers.get("Accept") == "text/event-stream":
+                    return self._stream(segs)
                 with outer.lock:
                     outer.requests.append((method, "/" + "/".join(segs), body))
                     if method == "GET":
@@ -428,6 +437,38 @@ class RTDBStandIn:
                     else:
                         return self._reply(405, {"error": "method"})
                 return self._reply(204) if silent else self._reply(200, result)
+
+            def _stream(self, segs):
+                events: queue.Queue = queue.Queue()
+                with outer.lock:
+                    outer.requests.append(("STREAM", "/" + "/".join(segs), None))
+                    outer.streams.append((segs, events))
+                    events.put(("put", outer._get(segs)))
+                self.close_connection = True             # the stream ends with the connection
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                last = time.monotonic()
+                try:
+                    while not outer._stopping.is_set():
+                        try:
+                            kind, value = events.get(timeout=min(0.2, outer.keepalive))
+                        except queue.Empty:
+                            kind, value = "keep-alive", None
+                            if time.monotonic() - last < outer.keepalive:
+                                continue
+                        if kind == "drop":
+                            return
+                        data = "null" if kind == "keep-alive" else json.dumps({"path": "/", "data": value})
+                        self.wfile.write(f"event: {kind}\ndata: {data}\n\n".encode())
+                        self.wfile.flush()
+                        last = time.monotonic()
+                except OSError:
+                    pass                                 # the client went
+                finally:
+                    with outer.lock:
+                        outer.streams = [w for w in outer.streams if w[1] is not events]
 
             def do_GET(self):
                 self._handle("GET")
@@ -460,7 +501,7 @@ class RTDBStandIn:
     def _set(self, segs, value):
         if not segs:
             self.tree = value if isinstance(value, dict) else {}
-            return
+            return self._changed(segs)
         node = self.tree
         for s in segs[:-1]:
             node = node.setdefault(s, {})
@@ -475,12 +516,27 @@ class RTDBStandIn:
             parent = self._get(segs[:depth - 1]) if depth > 1 else self.tree
             if isinstance(parent, dict) and parent.get(segs[depth - 1]) == {}:
                 parent.pop(segs[depth - 1])
+        self._changed(segs)
+
+    def _changed(self, segs):
+        """Every stream on a path above or below ``segs`` gets the path's value again."""
+        for path, events in list(self.streams):
+            if path[:len(segs)] == segs[:len(path)]:
+                events.put(("put", self._get(path)))
+
+    def drop_streams(self) -> int:
+        """Close every open stream, as the database does on a network blip; how many."""
+        with self.lock:
+            for _, events in self.streams:
+                events.put(("drop", None))
+            return len(self.streams)
 
     def start(self) -> "RTDBStandIn":
         self.thread.start()
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -2,6 +2,7 @@
 real store, with the worker's own jobs and loops called directly."""
 import datetime as dt
 import json
+import time
 from fractions import Fraction
 
 import pytest
@@ -14,6 +15,7 @@ from mash.tasks import delivery, firebase_apps, sync
 from mash.tasks.context import WorkerContext
 from mash.tasks.intake import FirebaseCommandQueue
 from mash.tasks.live import FirebaseLiveFeed
+from tests.services import wait_for
 
 SERIAL = "MASH-B2-CAL26-CE637C"
 
@@ -224,6 +226,55 @@ def test_command_queue_items_go_into_the_ledger_once_and_are_deleted(apps, rtdb)
     assert rtdb._get(["devices", SERIAL, "command_queue"]) is None
     C = ctx.store.m.Command
     assert C.select().where(C.command_id == "fb--Nk1").count() == 1
+
+
+def _queued(rtdb, key):
+    rtdb._set(["devices", SERIAL, "command_queue", key],
+              {"actuator": "mist_maker", "room": "fruiting", "state": True})
+
+
+def test_an_item_added_to_the_command_queue_is_taken_at_once_by_the_stream_not_a_poll(
+        apps, rtdb, monkeypatch):
+    monkeypatch.setattr(FirebaseCommandQueue, "POLL", 60.0)        # neither look comes soon
+    monkeypatch.setattr(FirebaseCommandQueue, "FALLBACK", 60.0)
+    ctx = apps()
+    _queued(rtdb, "-Ns0")                                          # queued while we were away
+    poller = FirebaseCommandQueue(ctx).start()
+    try:
+        wait_for(lambda: poller.stream is not None and poller.stream.connected, timeout=10,
+                 what="the stream open")
+        wait_for(lambda: ctx.store.command("fb--Ns0"), timeout=5, what="the first item taken")
+        for n, drop in ((1, False), (2, True)):
+            if drop:                                  # a network blip: it connects again
+                assert rtdb.drop_streams() == 1
+                wait_for(lambda: not poller.stream.connected, timeout=5, what="the stream lost")
+                wait_for(lambda: poller.stream.connected, timeout=20, what="the stream back")
+            t0 = time.monotonic()
+            _queued(rtdb, f"-Ns{n}")
+            wait_for(lambda: ctx.store.command(f"fb--Ns{n}"), timeout=10, interval=0.01,
+                     what="the item in the ledger")
+            took = time.monotonic() - t0
+            print(f"command_queue item -> ledger: {took * 1000:.0f} ms (drop={drop})")
+            assert took < 10                                       # not the minute's look
+        wait_for(lambda: rtdb._get(["devices", SERIAL, "command_queue"]) is None, timeout=5,
+                 what="the items deleted")
+    finally:
+        poller.stop()
+    assert [r[0] for r in rtdb.requests].count("STREAM") == 2
+
+
+def test_without_a_stream_the_command_queue_is_polled(apps, rtdb, monkeypatch):
+    monkeypatch.setattr(FirebaseCommandQueue, "POLL", 0.2)
+    monkeypatch.setattr(FirebaseCommandQueue, "FALLBACK", 60.0)
+    ctx = apps()
+    monkeypatch.setattr(ctx.firebase, "stream_queue", lambda on_items: None)
+    poller = FirebaseCommandQueue(ctx).start()
+    try:
+        time.sleep(0.5)
+        _queued(rtdb, "-Np1")
+        wait_for(lambda: ctx.store.command("fb--Np1"), timeout=10, what="the item polled")
+    finally:
+        poller.stop()
 
 
 def status_of(rtdb, device):

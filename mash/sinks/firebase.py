@@ -9,10 +9,14 @@ twice overwrites itself; a batch is one multi-path ``update``: one HTTP request.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
+import json
 import logging
 import os
+import socket
+import threading
 
 import time
 
@@ -21,6 +25,7 @@ from mash.clock import from_epoch, iso, utcnow
 from mash.sinks.errors import SinkError, kind_for_status
 from mash.config import MASH_SERIAL_RE, Settings
 from mash.contract import ACTUATORS, APPS_ACTUATORS
+from mash.pacing import full_jitter
 
 log = logging.getLogger("mash.firebase")
 
@@ -161,6 +166,95 @@ def reading_key(timestamp, previous: str | None = None) -> str:
     return ids.firebase_key(timestamp, previous)
 
 
+class QueueStream:
+    """A wake-up for the apps' command queue: the Realtime Database's event stream on it.
+
+    ``on_items()`` runs on the stream's own thread whenever the queue holds items: at each
+    connect (what was queued while we were away) and at each item added; a deletion (ours)
+    does not call it. It carries no data: the intake reads the queue itself, so a lost or
+    repeated event costs a look, never a command. ``connected`` says whether the caller may
+    wait long; a dropped connection is opened again after a full-jitter wait (1 s, doubling
+    to a minute), and a read silent for ``READ_TIMEOUT`` (the database sends a keep-alive
+    every 30 s) counts as dropped, so a half-dead uplink is noticed.
+
+    firebase-admin's own ``Reference.listen`` runs a thread no close can wake from a blocked
+    read (a stop would wait for the next keep-alive) and ends it at the first refused
+    reconnect; this uses its session and URL on a daemon thread that retries."""
+
+    READ_TIMEOUT = 75.0
+
+    def __init__(self, url: str, params: dict, session, on_items):
+        self.url, self.params, self.session, self.on_items = url, params, session, on_items
+        self.connected = False
+        self._closed = threading.Event()
+        self._response = None
+        self._said: bool | None = None    # the state last logged: one line per change
+        self._thread = threading.Thread(target=self._run, name="firebase-stream", daemon=True)
+
+    def start(self) -> "QueueStream":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Never blocks: closing the response here would wait on the lock its blocked read
+        holds (until the next keep-alive). Shutting its socket down ends that read at once;
+        where the socket cannot be reached the daemon thread ends at the next event."""
+        self._closed.set()
+        sock = getattr(getattr(getattr(self._response, "raw", None), "_connection", None),
+                       "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._closed.is_set():
+            try:
+                self._listen()
+                reason = "closed by the database"
+            except Exception as exc:   # requests' errors, a refusal (HTTPError), a bad event
+                reason = f"{exc.__class__.__name__}: {exc}"
+            if self._closed.is_set():
+                break
+            if self.connected:
+                failures = 0
+            self.connected = False
+            if self._said is not False:
+                log.info("Firebase command stream %s (%s): polling the queue until it is back",
+                         "lost" if self._said else "not open", reason)
+                self._said = False
+            failures += 1
+            self._closed.wait(full_jitter(failures, 1.0, 60.0))
+        self.connected = False
+
+    def _listen(self) -> None:
+        response = self.session.get(self.url, params=self.params, stream=True,
+                                    headers={"Accept": "text/event-stream",
+                                             "Cache-Control": "no-cache"},
+                                    timeout=(10.0, self.READ_TIMEOUT))
+        self._response = response
+        with response:
+            response.raise_for_status()
+            self.connected, event = True, None
+            if self._said is False:
+                log.info("Firebase command stream back")
+            self._said = True
+            # a byte at a time: a stream delimited by its connection's end is not chunked,
+            # and a larger read would wait for bytes the database has not sent
+            for raw in response.iter_lines(chunk_size=1):
+                if self._closed.is_set():
+                    break
+                line = raw.decode("utf-8", "replace")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("put", "patch"):
+                    payload = json.loads(line[5:])
+                    if isinstance(payload, dict) and payload.get("data") is not None:
+                        self.on_items()
+                elif line.startswith("data:") and event in ("cancel", "auth_revoked"):
+                    break                          # the rules or the token: connect again
+
+
 class FirebaseSync:
     def __init__(self, settings: Settings | None = None):
         self.settings = s = settings or Settings.load()
@@ -223,6 +317,21 @@ class FirebaseSync:
         value = self._call("command_queue read", lambda: self._ref(
             apps_path("command_queue", self.serial)).get())
         return value if isinstance(value, dict) else {}
+
+    def stream_queue(self, on_items) -> "QueueStream | None":
+        """The apps' ``command_queue`` as a stream (``QueueStream``), or None when Firebase is
+        off or this firebase-admin cannot give the stream its session."""
+        if not self.is_initialized:
+            return None
+        ref = self._ref(apps_path("command_queue", self.serial))
+        try:
+            client = ref._client       # the URL and the authorised session firebase-admin uses
+            url, params = client.base_url + ref.path + ".json", dict(client.params)
+            session = client.create_listener_session()
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.info("no command-queue stream with this firebase-admin (%s): polling it", exc)
+            return None
+        return QueueStream(url, params, session, on_items).start()
 
     def delete_queue_item(self, push_key: str) -> None:
         self._call("command_queue delete", lambda: self._ref(

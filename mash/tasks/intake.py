@@ -235,12 +235,16 @@ class MQTTIntake(BackgroundLoop):
 
 
 class FirebaseCommandQueue(BackgroundLoop):
-    """The MASH apps' ``devices/{serial}/command_queue`` (CONTRACT §8), polled every 2 s as
-    their gateway does: each item goes into the ledger as ``fb-{pushKey}`` (source
-    ``firebase``), then is deleted. The ledger keeps each id once, so an item whose delete
-    failed, or that a restarted worker sees again, is a duplicate, never a second run. A
-    malformed item is counted, logged once and deleted."""
+    """The MASH apps' ``devices/{serial}/command_queue`` (CONTRACT §8): each item goes into
+    the ledger as ``fb-{pushKey}`` (source ``firebase``), then is deleted. The ledger keeps
+    each id once, so an item whose delete failed, or that a restarted worker sees again, is a
+    duplicate, never a second run. A malformed item is counted, logged once and deleted.
+
+    It reads the queue when the database's stream on it says items are there
+    (``FirebaseSync.stream_queue``), and every ``FALLBACK`` s anyway; while the stream is
+    down it polls every ``POLL`` s, as the apps' own gateway does."""
     POLL = 2.0
+    FALLBACK = 60.0
     thread_name = "firebase-commands"
 
     def __init__(self, ctx):
@@ -248,6 +252,7 @@ class FirebaseCommandQueue(BackgroundLoop):
         self.ctx = ctx
         self._counted: set[str] = set()     # malformed keys already counted (delete failed)
         self._failing = False
+        self.stream = None                   # the database's stream on the queue, when open
 
     def step(self) -> dict:
         """One poll; returns {pushKey: what intake did} (raises FirebaseError)."""
@@ -268,6 +273,14 @@ class FirebaseCommandQueue(BackgroundLoop):
 
     def run_loop(self) -> None:
         store = self.ctx.store
+        self.stream = stream = self.ctx.firebase.stream_queue(self.wake)
+        try:
+            self._poll(store, stream)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _poll(self, store, stream) -> None:
         while not self._stop.is_set():
             try:
                 self.step()
@@ -280,4 +293,7 @@ class FirebaseCommandQueue(BackgroundLoop):
                 self._failing = True
             except Exception:
                 log.exception("Firebase command queue step failed")
-            self._stop.wait(self.POLL)
+            # items added while we stepped set ``changed`` again: the next wait returns at once
+            self.changed.wait(self.FALLBACK if stream is not None and stream.connected
+                              else self.POLL)
+            self.changed.clear()
