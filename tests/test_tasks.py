@@ -474,6 +474,22 @@ def test_the_scheduler_waits_each_phased_jobs_phase_before_its_first_run(gateway
     tasks.huey.storage.flush_queue()
 
 
+def test_the_heartbeat_runs_soon_after_start_then_at_its_phase(gateway):
+    from mash.tasks.schedule import IntervalScheduler, phase
+    scheduler = IntervalScheduler(gateway, tasks.periodic_jobs(), lambda job: False)
+    start = time.monotonic()
+    assert "heartbeat" in scheduler.step(start + 2.1, set())            # ONLINE at once
+    gap = phase(gateway.settings.device_id, "heartbeat", gateway.intervals["heartbeat"])
+    other = phase("MASH-A1-OTH26-000001", "heartbeat", gateway.intervals["heartbeat"])
+    assert abs(gap - other) > 0.5                       # two gateways beat at other seconds
+    assert "heartbeat" not in scheduler.step(start + 2.1 + gap - 0.05, set())
+    assert "heartbeat" in scheduler.step(start + 2.1 + gap + 0.01, set())
+    then = start + 2.1 + gap + 0.01                     # and every interval after that
+    assert "heartbeat" not in scheduler.step(then + gateway.intervals["heartbeat"] - 0.05, set())
+    assert "heartbeat" in scheduler.step(then + gateway.intervals["heartbeat"] + 0.01, set())
+    tasks.huey.storage.flush_queue()
+
+
 def test_task_retries_wait_a_full_jitter_draw_that_doubles_per_attempt():
     import random
     from mash.tasks.queue import retry_wait

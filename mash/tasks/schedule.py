@@ -11,7 +11,8 @@ A fleet must not run in lockstep: a thousand gateways started by one power cut's
 otherwise sync, poll and pull their configuration at the same seconds. So the jobs in
 ``PHASED`` first run after ``phase(serial, job, interval)``: a stable part of their interval
 derived from the device's serial, spreading the fleet evenly over it. Each later run follows
-the one before by the interval, so the phase holds. The heartbeat and deliveries start at once.
+the one before by the interval, so the phase holds. Deliveries start at once; the heartbeat
+runs 2 s after start (ONLINE soon after a boot), then at its phase.
 
 It also watches SQLite's ``data_version`` (a read, no write): when another connection
 commits and a sink is owed something (the reader's alert or command outcome), delivery is
@@ -66,6 +67,10 @@ class IntervalScheduler(BackgroundLoop):
         self._next = {job.name: now + (phase(serial, job.name, ctx.intervals[job.interval or job.name])
                                        if job.name in PHASED else 0.0) for job in jobs}
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
+        # ... and its second run at its phase, so a fleet booted by one power cut's return
+        # says ONLINE at once but beats at its own second of the minute from then on
+        self._first_gap = {"heartbeat": phase(serial, "heartbeat", ctx.intervals["heartbeat"])} \
+            if "heartbeat" in ctx.intervals else {}
 
     def run_loop(self) -> None:
         version = None
@@ -94,7 +99,9 @@ class IntervalScheduler(BackgroundLoop):
             if now < self._next.get(job.name, 0.0) and job.name not in woken:
                 continue
             if now >= self._next.get(job.name, 0.0):
-                self._next[job.name] = now + self.ctx.intervals[job.interval or job.name]
+                gap = self._first_gap.pop(job.name, None)
+                self._next[job.name] = now + (gap if gap is not None
+                                              else self.ctx.intervals[job.interval or job.name])
             if job.due is not None and not job.due(self.ctx):
                 continue
             if self.busy(job.name):
