@@ -322,9 +322,14 @@ def bench_resources(quick: bool, control: bool = False):
             s, interval=5.0, extra_env={"CONTROL_MODE": "auto" if control else "off"},
             chamber=control)
         SensorData = Store(s.dir / "data" / "mash.db").m.SensorData
+        # the third process of a farm's Pi, with no page open (mDNS off: nothing multicasts
+        # on this machine's network; the phone API at its shipped default)
+        from tests.services import Dashboard
+        dash = Dashboard(s.dir / "dash", dict(env, MDNS="0")).start()
+        s.stoppers.append(dash.stop)
         wait_for(lambda: SensorData.select().count() >= 2, timeout=30)
         time.sleep(10)                                  # let start-up work settle
-        procs = {"reader": reader.pid, "worker": worker.pid}
+        procs = {"reader": reader.pid, "worker": worker.pid, "dashboard": dash.proc.pid}
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         io0 = {k: write_bytes(p) for k, p in procs.items()}
         rows0, t0, switches0 = SensorData.select().count(), time.monotonic(), len(board.switches)
@@ -338,10 +343,13 @@ def bench_resources(quick: bool, control: bool = False):
         total = cpu["reader"] + cpu["worker"]
         record(f"CPU at a line per 5 s, reader + worker{label}", total, "% of a core", "<= 0.5 %",
                total <= 0.5)
+        record(f"CPU at a line per 5 s, dashboard with no page open{label}", cpu["dashboard"],
+               "% of a core", "<= 0.1 %", cpu["dashboard"] <= 0.1)
         per_line = sum(io.values()) / max(lines, 1)
         record(f"disk bytes written per line{label} (reader {io['reader'] / max(lines, 1) / 1024:.1f} KB, "
-               f"worker {io['worker'] / max(lines, 1) / 1024:.1f} KB)", per_line / 1024, "KB/line",
-               "<= 8 KB", per_line <= 8192)
+               f"worker {io['worker'] / max(lines, 1) / 1024:.1f} KB, dashboard "
+               f"{io['dashboard'] / max(lines, 1) / 1024:.1f} KB)", per_line / 1024, "KB/line",
+               "<= 12 KB", per_line <= 12 * 1024)
         if control:
             record("relay switches per line in that window (climate control)",
                    (len(board.switches) - switches0) / max(lines, 1), "switches")
@@ -361,6 +369,10 @@ def bench_resources(quick: bool, control: bool = False):
                rss_mb(reader.pid) <= 30)
         record("worker RSS after an hour-equivalent", rss_mb(worker.pid), "MB", "<= 60 MB",
                rss_mb(worker.pid) <= 60)
+        record("dashboard RSS after it (no page open)", rss_mb(dash.proc.pid), "MB")
+        three = rss_mb(reader.pid) + rss_mb(worker.pid) + rss_mb(dash.proc.pid)
+        record("reader + worker + dashboard RSS (the Pi Zero 2 W budget)", three, "MB",
+               "<= 160 MB", three <= 160)
         stop(reader, worker)
     finally:
         s.close()
@@ -737,7 +749,10 @@ def bench_phone(quick: bool):
         s.close()
 
 
-FLEET = {"gateways": 1000, "processes": 4, "outage": 60.0}
+FLEET = {"gateways": 1000, "processes": 4, "outage": 60.0,
+         # the backend half: a 10-minute backend outage, the fleet booted over one heartbeat
+         # interval, the steady rate taken over this many s before it
+         "backend_outage": 600.0, "boot_spread": 60.0, "steady": 180.0}
 
 
 def bench_fleet(quick: bool):
@@ -804,6 +819,206 @@ def bench_fleet(quick: bool):
         s.close()
 
 
+def _devserver_requests(log: Path) -> list[tuple[float, str, str, int]]:
+    """(unix time, method, path, status) of every request the devserver answered, from its
+    DEBUG log (http.server's request line, stamped by our log format); hooks left out."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        head, sep, rest = line.partition(' mash.devserver: 127.0.0.1 "')
+        if not sep:
+            continue
+        try:
+            request, _, tail = rest.partition('" ')
+            method, target, _ = request.split(" ", 2)
+            at = dt.datetime.strptime(head[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            status = int(tail.split()[0])
+        except ValueError:
+            continue
+        if not target.startswith("/__replica/"):
+            out.append((at, method, target.split("?")[0], status))
+    return out
+
+
+def _busiest(times: list[float], width: float) -> int:
+    """The most of ``times`` (sorted) in any window of ``width`` s."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def bench_fleet_backend(quick: bool):
+    """The fleet's backend half (``--gateways``, 1000; ``--quick``: 100 and a 60 s outage):
+    each gateway's own worker, backend side (``bench/fleet_backend.py``: WorkerContext,
+    BackendAPIClient and its pacer, the IntervalScheduler over the shipped periodic jobs run by
+    Huey's own worker threads, a real store in RAM fed a line per 5 s) in a few processes,
+    against the replica of the deployed MASH backend (``mash devserver --profile mash``, its
+    20 requests a minute per client and URL left on). The backend answers 503 to everything
+    for 10 minutes; the figures are the backend's own count of requests per second."""
+    import shutil
+    import sqlite3
+    n = min(100, FLEET["gateways"]) if quick else FLEET["gateways"]
+    outage = 60.0 if quick else FLEET["backend_outage"]
+    spread = 20.0 if quick else FLEET["boot_spread"]
+    steady = 60.0 if quick else FLEET["steady"]
+    s = Scratch()
+    ram = Path(tempfile.mkdtemp(prefix="mash-fleet-", dir="/dev/shm"))
+    s.stoppers.append(lambda: shutil.rmtree(ram, ignore_errors=True))
+    try:
+        # DEBUG: the devserver logs every request line it answers, which is what is counted
+        level = os.environ.get("LOG_LEVEL")
+        os.environ["LOG_LEVEL"] = "DEBUG"
+        try:
+            server = s.devserver(profile="mash")
+        finally:
+            if level is None:
+                os.environ.pop("LOG_LEVEL")
+            else:
+                os.environ["LOG_LEVEL"] = level
+        for k in range(n):          # as the operator does, once per device (CONTRACT §9)
+            server.create_device(f"fleet-{k:04d}")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MQTT_", "FIREBASE_", "BACKEND_", "DEVICE_"))}
+        env.update(server.env(), PYTHONPATH=str(ROOT), CLOCK_SYNC="trust")
+        lines: list[tuple[int, list[str]]] = []
+        procs = []
+        per = -(-n // FLEET["processes"])
+        t0 = time.time() + 5
+        for first in range(0, n, per):
+            p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fleet_backend.py"),
+                                  str(first), str(min(per, n - first)), str(n), str(spread),
+                                  str(t0), str(ram)], env=env, cwd=str(s.dir),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=open(s.dir / f"fleet{first}.log", "ab"), text=True)
+            s.stoppers.append(lambda p=p: stop(p))
+            procs.append(p)
+
+            def read(p=p, i=len(procs) - 1):
+                for line in p.stdout:
+                    lines.append((i, line.split()))
+            threading.Thread(target=read, daemon=True).start()
+
+        def latest(word):
+            found = {}
+            for i, words in list(lines):
+                if words and words[0] == word:
+                    found[i] = words
+            return found if len(found) == len(procs) else None
+
+        def tell(word):
+            for p in procs:
+                p.stdin.write(word + "\n")
+                p.stdin.flush()
+        wait_for(lambda: latest("ready"), timeout=spread + 300)
+        # every job has run at least once (first runs are phased over their interval)
+        time.sleep(max(0.0, t0 + spread + 60 - time.time()))
+        steady_from = time.time()
+        cpu0 = [cpu_seconds(p.pid) for p in (server.proc, *procs)]
+        time.sleep(steady)
+        cpu = [(cpu_seconds(p.pid) - c) / steady * 100
+               for p, c in zip((server.proc, *procs), cpu0)]
+        down = time.time()
+        server.faults(fail_next=10 ** 9, fail_status=503)
+        time.sleep(outage)
+        server.faults(fail_next=0)
+        back = time.time()
+        tell("mark")
+
+        def drained():
+            last = latest("pending")
+            return last is not None and float(min(w[3] for w in last.values())) > back and \
+                sum(int(w[2]) for w in last.values()) >= n
+        wait_for(drained, timeout=outage + 900, interval=1.0)
+        drained_at = min(float(w[3]) for w in latest("pending").values())
+        # the peak is looked for until the drain is over and a sync interval or two more
+        time.sleep(max(0.0, max(drained_at + 20, back + (60 if quick else 120)) - time.time()))
+        watched = time.time()
+        tell("still")                    # no new readings: what is owed goes, then compare
+        since = time.time()
+
+        def settled():
+            last = latest("pending")
+            return last is not None and float(min(w[3] for w in last.values())) > since + 2 \
+                and sum(int(w[1]) for w in last.values()) == 0
+        wait_for(settled, timeout=600, interval=1.0)
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(120)
+        totals = collections.Counter()
+        for words in (latest("stats") or {}).values():
+            totals.update(json.loads(" ".join(words[1:])))
+        server.stop()                    # its log is complete; its database is read below
+        db = sqlite3.connect(f"file:{server.dir / 'devserver.db'}?mode=ro", uri=True)
+        stored_values = db.execute('SELECT COUNT(*) FROM sensordata').fetchone()[0]
+        distinct = db.execute('SELECT COUNT(*) FROM (SELECT DISTINCT sensor, timestamp '
+                              'FROM sensordata)').fetchone()[0]
+        owner = dict(db.execute('SELECT uid, serial_number FROM device'))
+        owner.update({serial: serial for serial in list(owner.values())})
+        owner.update({uid: owner.get(dev) for uid, dev in db.execute('SELECT uid, device FROM sensor')})
+        db.close()
+
+        reqs = _devserver_requests(server.dir / "devserver.log")
+        per_s = collections.Counter(int(at) for at, *_ in reqs)
+
+        def rate(a, b):
+            return sum(per_s.get(k, 0) for k in range(int(a), int(b))) / max(1.0, int(b) - int(a))
+        steady_rate = rate(steady_from, steady_from + steady)
+        label = f"fleet of {n}, backend"
+        record(f"{label}: steady requests per gateway per minute", steady_rate * 60 / n, "/min")
+        record(f"{label}: steady requests per second (fleet)", steady_rate, "/s")
+        busy_steady = max(per_s.get(k, 0) for k in range(int(steady_from), int(steady_from + steady)))
+        record(f"{label}: steady busiest second / steady rate (noise)", busy_steady / steady_rate, "x")
+        record(f"{label}: CPU while steady, the devserver", cpu[0], "%")
+        print(f"  (fleet processes: {' + '.join(f'{c:.0f}' for c in cpu[1:])} % "
+              f"= {sum(cpu[1:]):.0f} %)", flush=True)
+        during = [r for r in reqs if down <= r[0] < back]
+        record(f"{label}: requests during the {outage:.0f} s outage, per gateway per minute",
+               len(during) * 60 / n / outage, "/min")
+        after = sorted(at for at, *_ in reqs if back <= at < watched)
+        peak = max(per_s.get(k, 0) for k in range(int(back), int(watched)))
+        peak10 = _busiest(after, 10.0) / 10
+        olabel = f"after a {outage:.0f} s backend outage, {n} gateways"
+        record(f"{olabel}: busiest second / steady rate", peak / steady_rate, "x", "<= 3x",
+               peak / steady_rate <= 3)
+        record(f"{olabel}: busiest 10 s / steady rate", peak10 / steady_rate, "x", "<= 3x",
+               peak10 / steady_rate <= 3)
+        record(f"{olabel}: busiest second", peak, "requests")
+        record(f"{olabel}: every reading up to the return on the backend after",
+               drained_at - back, "s")
+        # per gateway, from the URL (its serial, its cuid or one of its sensors' ids)
+        mine = collections.defaultdict(list)
+        for at, method, path, status in reqs:
+            if back <= at < watched:
+                for part in path.split("/"):
+                    if part in owner:
+                        mine[owner[part]].append(at)
+                        break
+        worst = max((_busiest(sorted(v), 60.0) for v in mine.values()), default=0)
+        rpm = int(env.get("BACKEND_MAX_RPM", 60))
+        record(f"{olabel}: most requests by one gateway in any 60 s", worst, "requests",
+               f"<= BACKEND_MAX_RPM ({rpm})", worst <= rpm)
+        refused = sum(1 for r in reqs if r[3] == 429)
+        record(f"fleet of {n}, backend: requests refused 429 (whole run)", refused, "requests",
+               "0", refused == 0)
+        other = collections.Counter(r[3] for r in reqs if r[3] >= 400 and r[3] not in (429, 503)
+                                    or r[3] == 503 and not down <= r[0] < back)
+        if other:
+            print(f"  other refusals: {dict(other)}", flush=True)
+        expected = totals["stored"] * 3            # three metrics a reading, a sensor each
+        record(f"fleet of {n}, backend: reading values lost (stored, not on the backend)",
+               expected - distinct, "values", "0", expected == distinct)
+        record(f"fleet of {n}, backend: values stored twice (answers lost in the outage)",
+               stored_values - distinct, "values")
+        print(f"  ({totals['stored']:,} readings stored, {totals['synced']:,} synced; "
+              f"{len(reqs):,} requests; pacer waits {totals['paced_wait_s']:.0f} s in all)",
+              flush=True)
+    finally:
+        s.close()
+
+
 BENCHES = {
     "reader": bench_reader_flood,
     "upload": bench_upload,
@@ -824,6 +1039,7 @@ BENCHES = {
     "update": bench_update,
     "phone": bench_phone,
     "fleet": bench_fleet,
+    "fleet_backend": bench_fleet_backend,
 }
 
 
