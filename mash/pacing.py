@@ -52,6 +52,32 @@ def equal_jitter(attempt: int, first: float, cap: float) -> float:
     return _draw(wait, attempt)
 
 
+class Reconnects:
+    """The wait before each reconnect: full jitter (uniform in [0, min(cap, first * 2**n)])
+    over the n-th attempt since the last connection that was held ``held`` seconds; a
+    connection that drops sooner does not reset it, so a flapping broker keeps us backing off.
+    The clock is injectable for the tests; the draws are ``random``'s (seed it for a fixed
+    sequence). The MQTT link and the Firebase command stream each keep one."""
+
+    def __init__(self, first: float = 1.0, cap: float = 60.0, held: float = 60.0,
+                 clock=time.monotonic):
+        self.first, self.cap = first, cap
+        self.held, self.clock = held, clock
+        self.attempt = 0
+        self._up_since: float | None = None
+
+    def connected(self) -> None:
+        self._up_since = self.clock()
+
+    def next_delay(self) -> float:
+        """Called once per failed connect or lost connection: the seconds to wait."""
+        if self._up_since is not None and self.clock() - self._up_since >= self.held:
+            self.attempt = 0
+        self._up_since = None
+        self.attempt += 1
+        return full_jitter(self.attempt, self.first, self.cap)
+
+
 class Pacer:
     """A sliding-window request budget. Thread-safe.
 

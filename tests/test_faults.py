@@ -129,6 +129,8 @@ def test_auth_churn_costs_no_batch(broker, gateway_factory, devserver_factory):
     wait_for(lambda: len([h for h in server.state()["history"] if h[4].endswith("/auth/refresh")]) >= 3,
              timeout=30, interval=0.5, what="three access-token refreshes mid-stream")
     g.env["SYNC_INTERVAL"] = "15"                   # idle > 10 s: the refresh token dies too
+    # and nothing else between two syncs (the phased heartbeat and poll could keep it alive)
+    g.env.update(HEARTBEAT_INTERVAL="3600", COMMAND_POLL_INTERVAL="3600")
     g.kill(g.worker)
     g.start_worker()
     try:

@@ -247,8 +247,8 @@ def test_an_item_added_to_the_command_queue_is_taken_at_once_by_the_stream_not_a
         for n, drop in ((1, False), (2, True)):
             if drop:                                  # a network blip: it connects again
                 assert rtdb.drop_streams() == 1
-                wait_for(lambda: not poller.stream.connected, timeout=5, what="the stream lost")
-                wait_for(lambda: poller.stream.connected, timeout=20, what="the stream back")
+                wait_for(lambda: [r[0] for r in rtdb.requests].count("STREAM") == 2
+                         and poller.stream.connected, timeout=20, what="the stream back")
             t0 = time.monotonic()
             _queued(rtdb, f"-Ns{n}")
             wait_for(lambda: ctx.store.command(f"fb--Ns{n}"), timeout=10, interval=0.01,

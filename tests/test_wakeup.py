@@ -2,12 +2,16 @@
 their polling the store; a lost hint costs a fallback timeout, never data. The figures (CPU
 at idle, the live latency) are in bench/ (``resources``, ``live_latency``)."""
 import os
+import shutil
+import signal
 import subprocess
 import sys
-import time
-
-import signal
+import tempfile
 import threading
+import time
+from pathlib import Path
+
+import pytest
 
 from huey import SqliteHuey
 
@@ -143,8 +147,16 @@ def _waiting_dequeue(storage):
     return thread, got
 
 
-def test_an_empty_queue_waits_for_another_processs_enqueue_instead_of_polling(tmp_path):
-    queue_file = tmp_path / "queue" / "huey.db"
+@pytest.fixture
+def short_dir():
+    """A directory whose sockets fit AF_UNIX's 108 bytes wherever pytest's tmp_path is."""
+    path = Path(tempfile.mkdtemp(prefix="mq", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_empty_queue_waits_for_another_processs_enqueue_instead_of_polling(short_dir):
+    queue_file = short_dir / "queue" / "huey.db"
     queue_file.parent.mkdir()
     worker_side = huey_queue.HintedStorage("mash", filename=str(queue_file))
     thread, got = _waiting_dequeue(worker_side)
@@ -160,8 +172,8 @@ def test_an_empty_queue_waits_for_another_processs_enqueue_instead_of_polling(tm
     worker_side.rest()
 
 
-def test_a_stopping_consumer_ends_its_threads_waits_and_a_new_one_waits_again(tmp_path):
-    storage = huey_queue.HintedStorage("mash", filename=str(tmp_path / "huey.db"))
+def test_a_stopping_consumer_ends_its_threads_waits_and_a_new_one_waits_again(short_dir):
+    storage = huey_queue.HintedStorage("mash", filename=str(short_dir / "huey.db"))
     thread, got = _waiting_dequeue(storage)
     time.sleep(0.3)
     storage.wake_all()

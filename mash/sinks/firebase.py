@@ -25,7 +25,7 @@ from mash.clock import from_epoch, iso, utcnow
 from mash.sinks.errors import SinkError, kind_for_status
 from mash.config import MASH_SERIAL_RE, Settings
 from mash.contract import ACTUATORS, APPS_ACTUATORS
-from mash.pacing import full_jitter
+from mash.pacing import Reconnects
 
 log = logging.getLogger("mash.firebase")
 
@@ -169,13 +169,16 @@ def reading_key(timestamp, previous: str | None = None) -> str:
 class QueueStream:
     """A wake-up for the apps' command queue: the Realtime Database's event stream on it.
 
-    ``on_items()`` runs on the stream's own thread whenever the queue holds items: at each
-    connect (what was queued while we were away) and at each item added; a deletion (ours)
-    does not call it. It carries no data: the intake reads the queue itself, so a lost or
-    repeated event costs a look, never a command. ``connected`` says whether the caller may
-    wait long; a dropped connection is opened again after a full-jitter wait (1 s, doubling
-    to a minute), and a read silent for ``READ_TIMEOUT`` (the database sends a keep-alive
-    every 30 s) counts as dropped, so a half-dead uplink is noticed.
+    ``on_items()`` runs on the stream's own thread whenever the queue holds items (at each
+    connect: what was queued while we were away; at each item added), and when the stream is
+    lost, so the caller's long wait ends and it polls. A deletion (ours) does not call it. It
+    carries no data: the intake reads the queue itself, so a lost or repeated event costs a
+    look, never a command. ``connected`` says whether the caller may wait long. A dropped
+    connection is opened again after a full-jitter wait (1 s doubling to a minute, reset only
+    by a connection held a minute: ``pacing.Reconnects``), a read silent for ``READ_TIMEOUT``
+    (the database sends a keep-alive every 30 s) counts as dropped, and an answer that is not
+    an event stream (a captive portal's page) as a failure. The hourly ``auth_revoked`` (the
+    token expired) reconnects at once and quietly.
 
     firebase-admin's own ``Reference.listen`` runs a thread no close can wake from a blocked
     read (a stop would wait for the next keep-alive) and ends it at the first refused
@@ -186,6 +189,7 @@ class QueueStream:
     def __init__(self, url: str, params: dict, session, on_items):
         self.url, self.params, self.session, self.on_items = url, params, session, on_items
         self.connected = False
+        self.reconnects = Reconnects(first=1.0, cap=60.0, held=60.0)
         self._closed = threading.Event()
         self._response = None
         self._said: bool | None = None    # the state last logged: one line per change
@@ -207,52 +211,68 @@ class QueueStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def _run(self) -> None:
-        failures = 0
         while not self._closed.is_set():
             try:
-                self._listen()
+                if self._listen():
+                    continue                       # the token expired: again at once
                 reason = "closed by the database"
             except Exception as exc:   # requests' errors, a refusal (HTTPError), a bad event
                 reason = f"{exc.__class__.__name__}: {exc}"
             if self._closed.is_set():
                 break
-            if self.connected:
-                failures = 0
+            was = self.connected
             self.connected = False
+            if was:
+                self.on_items()                    # the caller's long wait ends: it polls
             if self._said is not False:
                 log.info("Firebase command stream %s (%s): polling the queue until it is back",
                          "lost" if self._said else "not open", reason)
                 self._said = False
-            failures += 1
-            self._closed.wait(full_jitter(failures, 1.0, 60.0))
+            self._closed.wait(self.reconnects.next_delay())
         self.connected = False
 
-    def _listen(self) -> None:
+    def _listen(self) -> bool:
+        """One connection, until it ends; True when the database asked for a new one."""
         response = self.session.get(self.url, params=self.params, stream=True,
                                     headers={"Accept": "text/event-stream",
                                              "Cache-Control": "no-cache"},
                                     timeout=(10.0, self.READ_TIMEOUT))
         self._response = response
         with response:
+            if self._closed.is_set():
+                return False
             response.raise_for_status()
-            self.connected, event = True, None
+            kind = response.headers.get("Content-Type", "")
+            if not kind.startswith("text/event-stream"):
+                raise ValueError(f"not an event stream ({kind or 'no Content-Type'})")
+            self.connected, event, pending = True, None, b""
+            self.reconnects.connected()
             if self._said is False:
                 log.info("Firebase command stream back")
             self._said = True
-            # a byte at a time: a stream delimited by its connection's end is not chunked,
-            # and a larger read would wait for bytes the database has not sent
-            for raw in response.iter_lines(chunk_size=1):
-                if self._closed.is_set():
-                    break
-                line = raw.decode("utf-8", "replace")
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event in ("put", "patch"):
-                    payload = json.loads(line[5:])
-                    if isinstance(payload, dict) and payload.get("data") is not None:
-                        self.on_items()
-                elif line.startswith("data:") and event in ("cancel", "auth_revoked"):
-                    break                          # the rules or the token: connect again
+            # what has arrived, as it arrives: a stream delimited by its connection's end is
+            # not chunked, and a fixed-size read would wait for bytes not sent yet
+            while not self._closed.is_set():
+                chunk = response.raw.read1(8192)
+                if not chunk:
+                    return False
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif not line.startswith("data:"):
+                        continue
+                    elif event in ("put", "patch"):
+                        payload = json.loads(line[5:])
+                        if isinstance(payload, dict) and payload.get("data") is not None:
+                            self.on_items()
+                    elif event == "auth_revoked":
+                        return True
+                    elif event == "cancel":        # the rules refuse us: a failure
+                        raise PermissionError(f"stream cancelled: {line[5:].strip()}")
+        return False
 
 
 class FirebaseSync:
@@ -323,12 +343,12 @@ class FirebaseSync:
         off or this firebase-admin cannot give the stream its session."""
         if not self.is_initialized:
             return None
-        ref = self._ref(apps_path("command_queue", self.serial))
         try:
+            ref = self._ref(apps_path("command_queue", self.serial))
             client = ref._client       # the URL and the authorised session firebase-admin uses
             url, params = client.base_url + ref.path + ".json", dict(client.params)
             session = client.create_listener_session()
-        except (AttributeError, TypeError, ValueError) as exc:
+        except Exception as exc:       # another firebase-admin: the queue is polled as before
             log.info("no command-queue stream with this firebase-admin (%s): polling it", exc)
             return None
         return QueueStream(url, params, session, on_items).start()

@@ -24,37 +24,12 @@ from mash.clock import iso, utcnow
 from mash.sinks.errors import AUTH, kind_for_connack
 from mash.config import Settings
 from mash.contract import MAX_PARSE_BYTES, ROOMS
-from mash.pacing import full_jitter
+from mash.pacing import Reconnects
 
 log = logging.getLogger("mash.mqtt")
 
 def _nothing() -> None:
     pass
-
-
-class Reconnects:
-    """The wait before each reconnect: full jitter (uniform in [0, min(cap, first * 2**n)])
-    over the n-th attempt since the last connection that was held ``held`` seconds; a
-    connection that drops sooner does not reset it, so a flapping broker keeps us backing off.
-    The clock and the random source are injectable for the tests."""
-
-    def __init__(self, first: float = 1.0, cap: float = 60.0, held: float = 60.0,
-                 clock=time.monotonic):
-        self.first, self.cap = first, cap
-        self.held, self.clock = held, clock
-        self.attempt = 0
-        self._up_since: float | None = None
-
-    def connected(self) -> None:
-        self._up_since = self.clock()
-
-    def next_delay(self) -> float:
-        """Called once per failed connect or lost connection: the seconds to wait."""
-        if self._up_since is not None and self.clock() - self._up_since >= self.held:
-            self.attempt = 0
-        self._up_since = None
-        self.attempt += 1
-        return full_jitter(self.attempt, self.first, self.cap)
 
 
 class _PahoNoise(logging.Filter):

@@ -6,7 +6,10 @@ RAM-backed storage (``Settings.queue_path``) and cost the SD card nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import threading
 from pathlib import Path
 
@@ -22,9 +25,9 @@ from mash.wakeup import Hints, Listener
 log = logging.getLogger("mash.worker")
 
 # Consumer settings (``python worker.py``, the sync manager's in-process consumer).
-# The worker threads wait on the queue's wake-up hints (``HintedStorage``), so the poll flags
-# matter only where no hint can arrive (a queue directory that holds no socket): then
-# ``-d 0.01 -b 1.5 -m 0.9`` picks a task up at once after activity and within 0.9 s when idle.
+# The worker threads wait on the queue's wake-up hints (``HintedStorage``: Huey's workers do
+# not sleep on a blocking storage), so ``-d 0.01 -b 1.5 -m 0.9`` applies only after an error
+# reading the queue; where no socket can be made the storage itself waits 0.9 s between looks.
 # Two worker threads, so a long backlog drain never holds up an ack or an alert.
 # SIGTERM (systemd's stop) and Ctrl-C let running tasks finish (at most 15 s).
 CONSUMER_OPTIONS = dict(workers=2, worker_type="thread", initial_delay=0.01, backoff=1.5,
@@ -63,9 +66,10 @@ class HintedStorage(SqliteStorage):
         self._hints.notify()
 
     def dequeue(self):
+        # the socket first: an enqueue after our look then finds it and wakes the wait
+        listener = None if self.stopping.is_set() else self._listener()
         data = super().dequeue()
-        if data is None and not self.stopping.is_set():
-            listener = self._listener()
+        if data is None and not self.stopping.is_set():     # again: wake_all may have run
             if listener is None:
                 self.stopping.wait(self.poll)
             else:
@@ -85,11 +89,13 @@ class HintedStorage(SqliteStorage):
         return self._local.listener
 
     def wake_all(self) -> None:
-        """End every worker thread's wait now, and any later one until ``rest()``."""
+        """End every worker thread's wait now, and any later one until ``rest()``; a hint
+        too, for the consumer's worker processes where it runs them (``-k process``)."""
         self.stopping.set()
         with self._lock:
             for listener in self._listeners:
                 listener.interrupt()
+        self._hints.notify()
 
     def rest(self) -> None:
         """A new consumer: empty dequeues wait again; the sockets of threads gone are closed."""
@@ -109,17 +115,24 @@ class IdleConsumer(Consumer):
 
     def __init__(self, huey, **options):
         super().__init__(huey, **options)
-        self._signalled = threading.Event()
+        # a self-pipe, not an Event: a signal handler must not take a lock the main thread
+        # may hold at that instant (Event.set would, and hang the stop)
+        self._signal_r, self._signal_w = os.pipe()
+        os.set_blocking(self._signal_r, False)
+        os.set_blocking(self._signal_w, False)
         self._stop_flag_timeout = 0          # Huey's loop looks at the flag without waiting
         getattr(huey.storage, "rest", lambda: None)()    # a new consumer's threads wait again
 
     def _handle_signal(self, signum, frame):
         super()._handle_signal(signum, frame)
-        self._signalled.set()
+        with contextlib.suppress(OSError):   # full: a wake is waiting already
+            os.write(self._signal_w, b"!")
 
     def loop(self, health_check_ts=None):
         try:
-            self._signalled.wait(STOP_LOOK)
+            if select.select([self._signal_r], [], [], STOP_LOOK)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(self._signal_r, 64)
         except KeyboardInterrupt:            # a second Ctrl-C during the wait: as Huey does
             self._logger.info("Received SIGINT")
             self.stop(graceful=True)
