@@ -109,8 +109,8 @@ class HintedStorage(SqliteStorage):
 
 class IdleConsumer(Consumer):
     """Huey's consumer with a main thread that sleeps: Huey's own looks for a stop signal ten
-    times a second (the idle worker's largest cost). This one waits on an event its signal
-    handler sets, so a stop is as prompt, and runs Huey's loop (health check, stop) after it
+    times a second (the idle worker's largest cost). This one waits on a self-pipe its signal
+    handler writes to, so a stop is as prompt, and runs Huey's loop (health check, stop) after it
     or every ``STOP_LOOK``. ``stop()`` ends the worker threads' waits on the queue first."""
 
     def __init__(self, huey, **options):
