@@ -275,25 +275,22 @@ class FirebaseCommandQueue(BackgroundLoop):
         store = self.ctx.store
         self.stream = stream = self.ctx.firebase.stream_queue(self.wake)
         try:
-            self._poll(store, stream)
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                    if self._failing:
+                        self._failing = False
+                        store.sink_ok("firebase")
+                except FirebaseError as exc:
+                    if not self._failing and store.sink_failed("firebase", str(exc)):
+                        log.warning("Firebase command queue unreachable: %s", exc)
+                    self._failing = True
+                except Exception:
+                    log.exception("Firebase command queue step failed")
+                # items added meanwhile set ``changed`` again: the next wait returns at once
+                self.changed.wait(self.FALLBACK if stream is not None and stream.connected
+                                  else self.POLL)
+                self.changed.clear()
         finally:
             if stream is not None:
                 stream.close()
-
-    def _poll(self, store, stream) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-                if self._failing:
-                    self._failing = False
-                    store.sink_ok("firebase")
-            except FirebaseError as exc:
-                if not self._failing and store.sink_failed("firebase", str(exc)):
-                    log.warning("Firebase command queue unreachable: %s", exc)
-                self._failing = True
-            except Exception:
-                log.exception("Firebase command queue step failed")
-            # items added while we stepped set ``changed`` again: the next wait returns at once
-            self.changed.wait(self.FALLBACK if stream is not None and stream.connected
-                              else self.POLL)
-            self.changed.clear()

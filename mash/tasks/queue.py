@@ -51,7 +51,8 @@ class HintedStorage(SqliteStorage):
 
     blocking = True
 
-    def __init__(self, name="huey", filename="huey.db", poll: float = 0.9, **kwargs):
+    def __init__(self, name="huey", filename="huey.db",
+                 poll: float = CONSUMER_OPTIONS["max_delay"], **kwargs):
         super().__init__(name, filename, **kwargs)
         self.wake_dir = Path(filename).parent / "queue-wake"
         self.poll = poll
@@ -121,7 +122,7 @@ class IdleConsumer(Consumer):
         os.set_blocking(self._signal_r, False)
         os.set_blocking(self._signal_w, False)
         self._stop_flag_timeout = 0          # Huey's loop looks at the flag without waiting
-        getattr(huey.storage, "rest", lambda: None)()    # a new consumer's threads wait again
+        huey.storage.rest()                  # a new consumer's threads wait again
 
     def _handle_signal(self, signum, frame):
         super()._handle_signal(signum, frame)
@@ -141,7 +142,7 @@ class IdleConsumer(Consumer):
 
     def stop(self, graceful=False):
         self.stop_flag.set()
-        getattr(self.huey.storage, "wake_all", lambda: None)()
+        self.huey.storage.wake_all()
         super().stop(graceful=graceful)
 
 

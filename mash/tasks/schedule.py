@@ -69,8 +69,7 @@ class IntervalScheduler(BackgroundLoop):
         self._next["heartbeat"] = now + 2.0      # after MQTT has had a chance to connect
         # ... and its second run at its phase, so a fleet booted by one power cut's return
         # says ONLINE at once but beats at its own second of the minute from then on
-        self._first_gap = {"heartbeat": phase(serial, "heartbeat", ctx.intervals["heartbeat"])} \
-            if "heartbeat" in ctx.intervals else {}
+        self._first_gap = {"heartbeat": phase(serial, "heartbeat", ctx.intervals["heartbeat"])}
 
     def run_loop(self) -> None:
         version = None
