@@ -19,8 +19,8 @@ as the client it is in production (its own farm's IP), not the whole fleet as 12
 Commands on stdin, one a line: ``mark`` (the backend is back: note each store's newest
 reading), ``still`` (stop adding readings); end of input stops. Prints, flushed:
 ``ready <unix time>`` once every gateway has booted, then every 2 s
-``pending <readings not on the backend> <gateways with every reading up to the mark on it>
-<unix time>``, and at the end ``stats <json>``.
+``pending <readings not on the backend, -1 until "still"> <gateways with every reading up to
+the mark on it> <unix time>``, and at the end ``stats <json>``.
 """
 from __future__ import annotations
 
@@ -175,6 +175,7 @@ def main() -> int:
     booted: list[Gateway] = []
     feeding = threading.Event()
     feeding.set()
+    still_at = [0.0]
     done = threading.Event()
 
     def feed():
@@ -194,14 +195,25 @@ def main() -> int:
                 return
 
     def monitor():
+        """Counts only what the bench is waiting for, and each gateway only until it is done:
+        counting every store every 2 s would cost the fleet's processes more than the gateways
+        themselves do (a drained gateway stays drained; with no new readings, a gateway with
+        nothing pending stays so)."""
+        drained: set[str] = set()
+        settled: set[str] = set()
         while not done.wait(2.0):
-            pending = drained = 0
+            pending = 0
             for gw in list(booted):
-                store = gw.ctx.store
-                pending += store.pending_count()
-                if gw.mark is not None and store.backend_progress() >= gw.mark:
-                    drained += 1
-            say("pending", pending, drained, f"{time.time():.3f}")
+                if gw.mark is not None and gw.device not in drained and \
+                        gw.ctx.store.backend_progress() >= gw.mark:
+                    drained.add(gw.device)
+                if not feeding.is_set() and gw.device not in settled:
+                    owed = gw.ctx.store.pending_count()
+                    pending += owed
+                    if not owed and time.monotonic() > still_at[0] + EVERY:
+                        settled.add(gw.device)      # past any line the feed had begun
+            say("pending", pending if not feeding.is_set() else -1, len(drained),
+                f"{time.time():.3f}")
 
     def commands():
         for line in sys.stdin:
@@ -210,6 +222,7 @@ def main() -> int:
                 for gw in booted:
                     gw.mark = gw.ctx.store.last_reading_id()
             elif word == "still":
+                still_at[0] = time.monotonic()
                 feeding.clear()
         done.set()
 

@@ -752,7 +752,9 @@ def bench_phone(quick: bool):
 FLEET = {"gateways": 1000, "processes": 4, "outage": 60.0,
          # the backend half: a 10-minute backend outage, the fleet booted over one heartbeat
          # interval, the steady rate taken over this many s before it
-         "backend_outage": 600.0, "boot_spread": 60.0, "steady": 180.0}
+         "backend_outage": 600.0, "boot_spread": 60.0, "steady": 180.0,
+         # the backend half in this many slices, one after another (``--slices``)
+         "slices": 1}
 
 
 def bench_fleet(quick: bool):
@@ -849,20 +851,14 @@ def _busiest(times: list[float], width: float) -> int:
     return best
 
 
-def bench_fleet_backend(quick: bool):
-    """The fleet's backend half (``--gateways``, 1000; ``--quick``: 100 and a 60 s outage):
-    each gateway's own worker, backend side (``bench/fleet_backend.py``: WorkerContext,
-    BackendAPIClient and its pacer, the IntervalScheduler over the shipped periodic jobs run by
-    Huey's own worker threads, a real store in RAM fed a line per 5 s) in a few processes,
-    against the replica of the deployed MASH backend (``mash devserver --profile mash``, its
-    20 requests a minute per client and URL left on). The backend answers 503 to everything
-    for 10 minutes; the figures are the backend's own count of requests per second."""
+def _fleet_backend_slice(first: int, count: int, n: int, outage: float, spread: float,
+                         steady: float) -> dict:
+    """Gateways ``fleet-<first>`` ... ``fleet-<first + count - 1>`` of a fleet of ``n``, on
+    the fleet's own schedule (gateway k boots at k / n of the boot spread), against a fresh
+    replica: boot, steady, the outage, the drain. Every time in the answer is in s from the
+    slice's start (T0), so slices run one after another add up to the whole fleet."""
     import shutil
     import sqlite3
-    n = min(100, FLEET["gateways"]) if quick else FLEET["gateways"]
-    outage = 60.0 if quick else FLEET["backend_outage"]
-    spread = 20.0 if quick else FLEET["boot_spread"]
-    steady = 60.0 if quick else FLEET["steady"]
     s = Scratch()
     ram = Path(tempfile.mkdtemp(prefix="mash-fleet-", dir="/dev/shm"))
     s.stoppers.append(lambda: shutil.rmtree(ram, ignore_errors=True))
@@ -877,21 +873,21 @@ def bench_fleet_backend(quick: bool):
                 os.environ.pop("LOG_LEVEL")
             else:
                 os.environ["LOG_LEVEL"] = level
-        for k in range(n):          # as the operator does, once per device (CONTRACT §9)
+        for k in range(first, first + count):   # as the operator does, once per device (§9)
             server.create_device(f"fleet-{k:04d}")
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MQTT_", "FIREBASE_", "BACKEND_", "DEVICE_"))}
         env.update(server.env(), PYTHONPATH=str(ROOT), CLOCK_SYNC="trust")
         lines: list[tuple[int, list[str]]] = []
         procs = []
-        per = -(-n // FLEET["processes"])
+        per = -(-count // FLEET["processes"])
         t0 = time.time() + 5
-        for first in range(0, n, per):
+        for part in range(first, first + count, per):
             p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fleet_backend.py"),
-                                  str(first), str(min(per, n - first)), str(n), str(spread),
-                                  str(t0), str(ram)], env=env, cwd=str(s.dir),
+                                  str(part), str(min(per, first + count - part)), str(n),
+                                  str(spread), str(t0), str(ram)], env=env, cwd=str(s.dir),
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=open(s.dir / f"fleet{first}.log", "ab"), text=True)
+                                 stderr=open(s.dir / f"fleet{part}.log", "ab"), text=True)
             s.stoppers.append(lambda p=p: stop(p))
             procs.append(p)
 
@@ -911,29 +907,34 @@ def bench_fleet_backend(quick: bool):
             for p in procs:
                 p.stdin.write(word + "\n")
                 p.stdin.flush()
+
+        def cpu_now():
+            return [cpu_seconds(p.pid) for p in (server.proc, *procs)]
         wait_for(lambda: latest("ready"), timeout=spread + 300)
         # every job has run at least once (first runs are phased over their interval)
         time.sleep(max(0.0, t0 + spread + 60 - time.time()))
         steady_from = time.time()
-        cpu0 = [cpu_seconds(p.pid) for p in (server.proc, *procs)]
+        cpu0 = cpu_now()
         time.sleep(steady)
-        cpu = [(cpu_seconds(p.pid) - c) / steady * 100
-               for p, c in zip((server.proc, *procs), cpu0)]
+        cpu = [(c - c0) / steady * 100 for c, c0 in zip(cpu_now(), cpu0)]
         down = time.time()
         server.faults(fail_next=10 ** 9, fail_status=503)
         time.sleep(outage)
         server.faults(fail_next=0)
         back = time.time()
+        cpu0 = cpu_now()
         tell("mark")
 
         def drained():
             last = latest("pending")
             return last is not None and float(min(w[3] for w in last.values())) > back and \
-                sum(int(w[2]) for w in last.values()) >= n
+                sum(int(w[2]) for w in last.values()) >= count
         wait_for(drained, timeout=outage + 900, interval=1.0)
         drained_at = min(float(w[3]) for w in latest("pending").values())
+        cpu_drain = [(c - c0) / max(1.0, time.time() - back) * 100
+                     for c, c0 in zip(cpu_now(), cpu0)]
         # the peak is looked for until the drain is over and a sync interval or two more
-        time.sleep(max(0.0, max(drained_at + 20, back + (60 if quick else 120)) - time.time()))
+        time.sleep(max(0.0, max(drained_at + 20, back + min(120, outage)) - time.time()))
         watched = time.time()
         tell("still")                    # no new readings: what is owed goes, then compare
         since = time.time()
@@ -959,64 +960,111 @@ def bench_fleet_backend(quick: bool):
         owner.update({serial: serial for serial in list(owner.values())})
         owner.update({uid: owner.get(dev) for uid, dev in db.execute('SELECT uid, device FROM sensor')})
         db.close()
-
-        reqs = _devserver_requests(server.dir / "devserver.log")
-        per_s = collections.Counter(int(at) for at, *_ in reqs)
-
-        def rate(a, b):
-            return sum(per_s.get(k, 0) for k in range(int(a), int(b))) / max(1.0, int(b) - int(a))
-        steady_rate = rate(steady_from, steady_from + steady)
-        label = f"fleet of {n}, backend"
-        record(f"{label}: steady requests per gateway per minute", steady_rate * 60 / n, "/min")
-        record(f"{label}: steady requests per second (fleet)", steady_rate, "/s")
-        busy_steady = max(per_s.get(k, 0) for k in range(int(steady_from), int(steady_from + steady)))
-        record(f"{label}: steady busiest second / steady rate (noise)", busy_steady / steady_rate, "x")
-        record(f"{label}: CPU while steady, the devserver", cpu[0], "%")
-        print(f"  (fleet processes: {' + '.join(f'{c:.0f}' for c in cpu[1:])} % "
-              f"= {sum(cpu[1:]):.0f} %)", flush=True)
-        during = [r for r in reqs if down <= r[0] < back]
-        record(f"{label}: requests during the {outage:.0f} s outage, per gateway per minute",
-               len(during) * 60 / n / outage, "/min")
-        after = sorted(at for at, *_ in reqs if back <= at < watched)
-        peak = max(per_s.get(k, 0) for k in range(int(back), int(watched)))
-        peak10 = _busiest(after, 10.0) / 10
-        olabel = f"after a {outage:.0f} s backend outage, {n} gateways"
-        record(f"{olabel}: busiest second / steady rate", peak / steady_rate, "x", "<= 3x",
-               peak / steady_rate <= 3)
-        record(f"{olabel}: busiest 10 s / steady rate", peak10 / steady_rate, "x", "<= 3x",
-               peak10 / steady_rate <= 3)
-        record(f"{olabel}: busiest second", peak, "requests")
-        record(f"{olabel}: every reading up to the return on the backend after",
-               drained_at - back, "s")
-        # per gateway, from the URL (its serial, its cuid or one of its sensors' ids)
-        mine = collections.defaultdict(list)
-        for at, method, path, status in reqs:
-            if back <= at < watched:
-                for part in path.split("/"):
-                    if part in owner:
-                        mine[owner[part]].append(at)
-                        break
-        worst = max((_busiest(sorted(v), 60.0) for v in mine.values()), default=0)
-        rpm = int(env.get("BACKEND_MAX_RPM", 60))
-        record(f"{olabel}: most requests by one gateway in any 60 s", worst, "requests",
-               f"<= BACKEND_MAX_RPM ({rpm})", worst <= rpm)
-        refused = sum(1 for r in reqs if r[3] == 429)
-        record(f"fleet of {n}, backend: requests refused 429 (whole run)", refused, "requests",
-               "0", refused == 0)
-        other = collections.Counter(r[3] for r in reqs if r[3] >= 400 and r[3] not in (429, 503)
-                                    or r[3] == 503 and not down <= r[0] < back)
-        if other:
-            print(f"  other refusals: {dict(other)}", flush=True)
-        expected = totals["stored"] * 3            # three metrics a reading, a sensor each
-        record(f"fleet of {n}, backend: reading values lost (stored, not on the backend)",
-               expected - distinct, "values", "0", expected == distinct)
-        record(f"fleet of {n}, backend: values stored twice (answers lost in the outage)",
-               stored_values - distinct, "values")
-        print(f"  ({totals['stored']:,} readings stored, {totals['synced']:,} synced; "
-              f"{len(reqs):,} requests; pacer waits {totals['paced_wait_s']:.0f} s in all)",
-              flush=True)
+        reqs = [(at - t0, *rest) for at, *rest in _devserver_requests(server.dir / "devserver.log")]
+        rel = {k: v - t0 for k, v in (("steady_from", steady_from), ("down", down),
+                                      ("back", back), ("drained_at", drained_at),
+                                      ("watched", watched))}
+        return {"reqs": reqs, **rel, "cpu": cpu, "cpu_drain": cpu_drain, "totals": totals,
+                "owner": owner, "stored_values": stored_values, "distinct": distinct,
+                "env": env}
     finally:
         s.close()
+
+
+def bench_fleet_backend(quick: bool):
+    """The fleet's backend half (``--gateways``, 1000; ``--quick``: 100 and a 60 s outage):
+    each gateway's own worker, backend side (``bench/fleet_backend.py``: WorkerContext,
+    BackendAPIClient and its pacer, the IntervalScheduler over the shipped periodic jobs run by
+    Huey's own worker threads, a real store in RAM fed a line per 5 s) in a few processes,
+    against the replica of the deployed MASH backend (``mash devserver --profile mash``, its
+    20 requests a minute per client and URL left on). The backend answers 503 to everything
+    for 10 minutes; the figures are the backend's own count of requests per second.
+
+    ``--slices k``: the fleet in k slices run one after another on the same schedule, each
+    against its own replica, their request timelines added second by second from each
+    slice's start. The gateways share nothing but the backend, and the real one is not the
+    ceiling; on one small machine a thousand gateways and the replica together are, which
+    would flatten the very peak being measured (each slice's CPU is printed to show it is
+    not)."""
+    n = min(100, FLEET["gateways"]) if quick else FLEET["gateways"]
+    outage = 60.0 if quick else FLEET["backend_outage"]
+    spread = 20.0 if quick else FLEET["boot_spread"]
+    steady = 60.0 if quick else FLEET["steady"]
+    k = max(1, FLEET["slices"])
+    size = -(-n // k)
+    runs = []
+    for first in range(0, n, size):
+        print(f"  slice: gateways {first} to {min(n, first + size) - 1} of {n}", flush=True)
+        run = _fleet_backend_slice(first, min(size, n - first), n, outage, spread, steady)
+        print(f"  (CPU steady: devserver {run['cpu'][0]:.0f} %, fleet processes "
+              f"{sum(run['cpu'][1:]):.0f} %; from the return to drained: devserver "
+              f"{run['cpu_drain'][0]:.0f} %, fleet {sum(run['cpu_drain'][1:]):.0f} %)",
+              flush=True)
+        runs.append(run)
+    # the slices' own marks differ by the hooks' latency only: the whole fleet's windows
+    steady_from = max(r["steady_from"] for r in runs)
+    down = max(r["down"] for r in runs)
+    back = max(r["back"] for r in runs)
+    drained_at = max(r["drained_at"] for r in runs)
+    watched = min(r["watched"] for r in runs)
+    reqs = sorted(req for r in runs for req in r["reqs"])
+    owner = {key: dev for r in runs for key, dev in r["owner"].items()}
+    totals = sum((r["totals"] for r in runs), collections.Counter())
+    stored_values = sum(r["stored_values"] for r in runs)
+    distinct = sum(r["distinct"] for r in runs)
+    env = runs[0]["env"]
+    per_s = collections.Counter(int(at) for at, *_ in reqs)
+
+    def rate(a, b):
+        return sum(per_s.get(k, 0) for k in range(int(a), int(b))) / max(1.0, int(b) - int(a))
+    steady_rate = rate(steady_from, steady_from + steady)
+    label = f"fleet of {n}, backend" + (f" ({k} slices)" if k > 1 else "")
+    record(f"{label}: steady requests per gateway per minute", steady_rate * 60 / n, "/min")
+    record(f"{label}: steady requests per second (fleet)", steady_rate, "/s")
+    busy_steady = max(per_s.get(k, 0) for k in range(int(steady_from), int(steady_from + steady)))
+    record(f"{label}: steady busiest second / steady rate (noise)", busy_steady / steady_rate, "x")
+    record(f"{label}: CPU while steady, the devserver", max(r["cpu"][0] for r in runs), "%")
+    during = [r for r in reqs if down <= r[0] < back]
+    record(f"{label}: requests during the {outage:.0f} s outage, per gateway per minute",
+           len(during) * 60 / n / outage, "/min")
+    after = sorted(at for at, *_ in reqs if back <= at < watched)
+    peak = max(per_s.get(k, 0) for k in range(int(back), int(watched)))
+    peak10 = _busiest(after, 10.0) / 10
+    olabel = f"after a {outage:.0f} s backend outage, {n} gateways"
+    record(f"{olabel}: busiest second / steady rate", peak / steady_rate, "x", "<= 3x",
+           peak / steady_rate <= 3)
+    record(f"{olabel}: busiest 10 s / steady rate", peak10 / steady_rate, "x", "<= 3x",
+           peak10 / steady_rate <= 3)
+    record(f"{olabel}: busiest second", peak, "requests")
+    record(f"{olabel}: every reading up to the return on the backend after",
+           drained_at - back, "s")
+    # per gateway, from the URL (its serial, its cuid or one of its sensors' ids)
+    mine = collections.defaultdict(list)
+    for at, method, path, status in reqs:
+        if back <= at < watched:
+            for part in path.split("/"):
+                if part in owner:
+                    mine[owner[part]].append(at)
+                    break
+    worst = max((_busiest(sorted(v), 60.0) for v in mine.values()), default=0)
+    rpm = int(env.get("BACKEND_MAX_RPM", 60))
+    record(f"{olabel}: most requests by one gateway in any 60 s", worst, "requests",
+           f"<= BACKEND_MAX_RPM ({rpm})", worst <= rpm)
+    refused = sum(1 for r in reqs if r[3] == 429)
+    record(f"fleet of {n}, backend: requests refused 429 (whole run)", refused, "requests",
+           "0", refused == 0)
+    other = collections.Counter(r[3] for r in reqs if r[3] >= 400 and r[3] not in (429, 503)
+                                or r[3] == 503 and not down <= r[0] < back)
+    if other:
+        print(f"  other refusals: {dict(other)}", flush=True)
+    expected = totals["stored"] * 3            # three metrics a reading, a sensor each
+    record(f"fleet of {n}, backend: reading values lost (stored, not on the backend)",
+           expected - distinct, "values", "0", expected == distinct)
+    record(f"fleet of {n}, backend: values stored twice (answers lost in the outage)",
+           stored_values - distinct, "values")
+    print(f"  ({totals['stored']:,} readings stored, {totals['synced']:,} synced; "
+          f"{len(reqs):,} requests; pacer waits {totals['paced_wait_s']:.0f} s in all)",
+          flush=True)
 
 
 BENCHES = {
@@ -1050,8 +1098,11 @@ def main() -> int:
     p.add_argument("--json", help="also write the table here")
     p.add_argument("--gateways", type=int, default=FLEET["gateways"],
                    help="fleet: how many gateways (default %(default)s)")
+    p.add_argument("--slices", type=int, default=FLEET["slices"],
+                   help="fleet_backend: run the fleet in this many slices, one after another, "
+                        "and add their timelines (default %(default)s)")
     args = p.parse_args()
-    FLEET["gateways"] = args.gateways
+    FLEET["gateways"], FLEET["slices"] = args.gateways, args.slices
     import logging
     logging.basicConfig(level=logging.WARNING)
     for name in args.names or list(BENCHES):
