@@ -965,8 +965,7 @@ def _fleet_backend_slice(first: int, count: int, n: int, outage: float, spread: 
                                       ("back", back), ("drained_at", drained_at),
                                       ("watched", watched))}
         return {"reqs": reqs, **rel, "cpu": cpu, "cpu_drain": cpu_drain, "totals": totals,
-                "owner": owner, "stored_values": stored_values, "distinct": distinct,
-                "env": env}
+                "owner": owner, "stored_values": stored_values, "distinct": distinct}
     finally:
         s.close()
 
@@ -990,8 +989,9 @@ def bench_fleet_backend(quick: bool):
     outage = 60.0 if quick else FLEET["backend_outage"]
     spread = 20.0 if quick else FLEET["boot_spread"]
     steady = 60.0 if quick else FLEET["steady"]
-    k = max(1, FLEET["slices"])
-    size = -(-n // k)
+    from mash.config import Settings
+    slices = max(1, FLEET["slices"])
+    size = -(-n // slices)
     runs = []
     for first in range(0, n, size):
         print(f"  slice: gateways {first} to {min(n, first + size) - 1} of {n}", flush=True)
@@ -1012,13 +1012,12 @@ def bench_fleet_backend(quick: bool):
     totals = sum((r["totals"] for r in runs), collections.Counter())
     stored_values = sum(r["stored_values"] for r in runs)
     distinct = sum(r["distinct"] for r in runs)
-    env = runs[0]["env"]
     per_s = collections.Counter(int(at) for at, *_ in reqs)
 
     def rate(a, b):
         return sum(per_s.get(k, 0) for k in range(int(a), int(b))) / max(1.0, int(b) - int(a))
     steady_rate = rate(steady_from, steady_from + steady)
-    label = f"fleet of {n}, backend" + (f" ({k} slices)" if k > 1 else "")
+    label = f"fleet of {n}, backend" + (f" ({slices} slices)" if slices > 1 else "")
     record(f"{label}: steady requests per gateway per minute", steady_rate * 60 / n, "/min")
     record(f"{label}: steady requests per second (fleet)", steady_rate, "/s")
     busy_steady = max(per_s.get(k, 0) for k in range(int(steady_from), int(steady_from + steady)))
@@ -1047,7 +1046,7 @@ def bench_fleet_backend(quick: bool):
                     mine[owner[part]].append(at)
                     break
     worst = max((_busiest(sorted(v), 60.0) for v in mine.values()), default=0)
-    rpm = int(env.get("BACKEND_MAX_RPM", 60))
+    rpm = Settings.backend_max_rpm      # the fleet's env leaves BACKEND_MAX_RPM out: the default
     record(f"{olabel}: most requests by one gateway in any 60 s", worst, "requests",
            f"<= BACKEND_MAX_RPM ({rpm})", worst <= rpm)
     refused = sum(1 for r in reqs if r[3] == 429)
